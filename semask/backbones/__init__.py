@@ -1,0 +1,4 @@
+"""SeMask backbones."""
+from .swin import SeMaskSwinTransformer, SwinBlock
+
+__all__ = ["SeMaskSwinTransformer", "SwinBlock"]

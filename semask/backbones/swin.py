@@ -1,0 +1,504 @@
+"""SeMask Swin Transformer backbone, faithful to the official (mmseg) code.
+
+Differences from timm's Swin that a checkpoint-compatible port must keep (spec section 1.3, 8):
+the block pads *after* LN1 and rolls *after* padding, the SW-MSA mask uses -100 and is applied even
+when the map is smaller than the window, PatchMerging concatenates (0,0), (1,0), (0,1), (1,1), and a
+semantic layer (windowed or global per stage) follows every stage.
+
+Module and parameter names follow the official code, so official checkpoints map 1:1 (the only
+difference: ``relative_position_index`` is a non-persistent buffer here).
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.models import build_model_with_cfg
+
+from ..layers import SemanticLayer, pad_to_multiple, shifted_window_mask, window_partition, window_reverse
+from timm.models import generate_default_cfgs, register_model as timm_register_model
+
+from ..models._registry import register_model
+from ._base import check_image_input, normalize_out_indices
+
+__all__ = ["SeMaskSwinTransformer", "SwinBlock", "SwinStage", "PatchMerging", "PatchEmbed"]
+
+
+def _relative_position_index(window: int) -> torch.Tensor:
+    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)
+    return rel[..., 0] * (2 * window - 1) + rel[..., 1]  # (N, N)
+
+
+class WindowAttention(nn.Module):
+    """Window multi-head self-attention with a relative-position bias, on ``F.scaled_dot_product_attention``."""
+
+    def __init__(
+        self, dim: int, window_size: int, num_heads: int, qkv_bias: bool = True,
+        qk_scale: Optional[float] = None, attn_drop: float = 0.0, proj_drop: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.dim = dim
+        self.window_size = window_size
+        self.num_heads = num_heads
+        head_dim = dim // num_heads
+        self.scale = qk_scale or head_dim ** -0.5
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
+        self.register_buffer("relative_position_index", _relative_position_index(window_size), persistent=False)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        trunc_normal_(self.relative_position_bias_table, std=0.02)
+
+    def relative_position_bias(self) -> torch.Tensor:
+        """(heads, N, N) bias gathered from the table."""
+        n = self.window_size * self.window_size
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        return bias.view(n, n, -1).permute(2, 0, 1)
+
+    def forward(self, x: torch.Tensor, batch: int, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """x: (B*nW, N, C) windows; mask: (nW, 1, N, N) additive shift mask or None."""
+        bw, n, c = x.shape
+        h = self.num_heads
+        qkv = self.qkv(x).view(batch, -1, n, 3, h, c // h).permute(3, 0, 1, 4, 2, 5)  # 3,B,nW,h,N,hd
+        bias = self.relative_position_bias()
+        bias = bias.unsqueeze(0) if mask is None else bias.unsqueeze(0) + mask  # (1|nW, h, N, N)
+        q, k, v = (t.flatten(1, 2) for t in qkv.unbind(0))  # (B, nW*h, N, hd)
+        nw = q.shape[1] // h
+        bias = bias.expand(nw, h, n, n).reshape(nw * h, n, n).to(q.dtype)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale
+        )
+        out = out.view(batch, nw, h, n, c // h).transpose(2, 3).reshape(bw, n, c)
+        return self.proj_drop(self.proj(out))
+
+
+class SwinBlock(nn.Module):
+    """Swin block with the official pad-after-norm-then-roll order and -100 shift masks."""
+
+    def __init__(
+        self, dim: int, num_heads: int, window_size: int = 7, shift_size: int = 0, mlp_ratio: float = 4.0,
+        qkv_bias: bool = True, qk_scale: Optional[float] = None, drop: float = 0.0, attn_drop: float = 0.0,
+        drop_path: float = 0.0, norm_layer: type = nn.LayerNorm,
+    ) -> None:
+        super().__init__()
+        self.window_size = window_size
+        self.shift_size = shift_size
+        self.norm1 = norm_layer(dim)
+        self.attn = WindowAttention(dim, window_size, num_heads, qkv_bias, qk_scale, attn_drop, drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
+
+    def forward(self, x: torch.Tensor, hw: Tuple[int, int], mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """x: (B, H*W, C); mask: the stage's (nW, 1, N, N) shift mask (used by shifted blocks only)."""
+        b, _, c = x.shape
+        h, w = hw
+        ws, s = self.window_size, self.shift_size
+        y = pad_to_multiple(self.norm1(x).view(b, h, w, c), ws)
+        hp, wp = y.shape[1], y.shape[2]
+        if s:
+            y = torch.roll(y, shifts=(-s, -s), dims=(1, 2))
+        y = self.attn(window_partition(y, ws), b, mask if s else None)
+        y = window_reverse(y, ws, hp, wp)
+        if s:
+            y = torch.roll(y, shifts=(s, s), dims=(1, 2))
+        y = y[:, :h, :w].reshape(b, h * w, c)
+        x = x + self.drop_path(y)
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PatchMerging(nn.Module):
+    """2x2 merge with the official channel order (0,0), (1,0), (0,1), (1,1); odd sizes padded by 1."""
+
+    def __init__(self, dim: int, norm_layer: type = nn.LayerNorm) -> None:
+        super().__init__()
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.norm = norm_layer(4 * dim)
+
+    def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
+        """(B, H*W, C) -> (B, ceil(H/2)*ceil(W/2), 2C)."""
+        b, _, c = x.shape
+        h, w = hw
+        x = F.pad(x.view(b, h, w, c), (0, 0, 0, w % 2, 0, h % 2))
+        hh, wh = x.shape[1] // 2, x.shape[2] // 2
+        # (B, H/2, 2[row], W/2, 2[col], C) -> channel blocks ordered col-major: (r0,c0),(r1,c0),(r0,c1),(r1,c1)
+        x = x.view(b, hh, 2, wh, 2, c).permute(0, 1, 3, 4, 2, 5).reshape(b, hh * wh, 4 * c)
+        return self.reduction(self.norm(x))
+
+
+class PatchEmbed(nn.Module):
+    """Conv patch embedding; zero-pads the image at the right, then bottom, to a multiple of the patch."""
+
+    def __init__(self, patch_size: int = 4, in_chans: int = 3, embed_dim: int = 96, norm: bool = True) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = nn.LayerNorm(embed_dim) if norm else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_chans, H, W) -> (B, C, ceil(H/p), ceil(W/p))."""
+        p = self.patch_size
+        h, w = x.shape[2], x.shape[3]
+        x = self.proj(F.pad(x, (0, (p - w % p) % p, 0, (p - h % p) % p)))
+        if self.norm is not None:
+            x = self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return x
+
+
+class SwinStage(nn.Module):
+    """Swin blocks, then the stage's semantic layer, then (except the last stage) patch merging.
+
+    Named ``layers.{i}`` like the official ``BasicLayer``. The SW-MSA mask is built once per input
+    size and cached (masks are tiny; relative-position biases are gathered once per block call).
+    """
+
+    def __init__(
+        self, dim: int, depth: int, num_heads: int, window_size: int, num_classes: int,
+        sem_window_size: int, sem_global: bool, num_sem_blocks: int, mlp_ratio: float, qkv_bias: bool,
+        qk_scale: Optional[float], drop: float, attn_drop: float, drop_path: Sequence[float],
+        downsample: bool, sem_drop: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.window_size = window_size
+        self.shift_size = window_size // 2
+        self.grad_checkpointing = False
+        self.blocks = nn.ModuleList([
+            SwinBlock(dim, num_heads, window_size, 0 if i % 2 == 0 else self.shift_size, mlp_ratio,
+                      qkv_bias, qk_scale, drop, attn_drop, drop_path[i])
+            for i in range(depth)
+        ])
+        self.semantic_layer = (
+            SemanticLayer(dim, num_classes, sem_window_size, sem_global, num_sem_blocks, sem_drop)
+            if num_sem_blocks > 0 else None
+        )
+        self.downsample = PatchMerging(dim) if downsample else None
+        self._mask_cache: Dict[Tuple, torch.Tensor] = {}
+
+    def shift_mask(self, h: int, w: int, device: torch.device) -> torch.Tensor:
+        """(nW, 1, N, N) additive mask for an h x w stage map (cached per size and device)."""
+        ws = self.window_size
+        hp, wp = h + (ws - h % ws) % ws, w + (ws - w % ws) % ws
+        tracing = torch.jit.is_tracing() or torch.compiler.is_compiling()
+        key = (hp, wp, device)
+        if tracing or key not in self._mask_cache:
+            mask = shifted_window_mask(hp, wp, ws, self.shift_size, device).unsqueeze(1)
+            if tracing:
+                return mask
+            if len(self._mask_cache) > 32:  # many sizes (multi-scale training): keep the cache bounded
+                self._mask_cache.clear()
+            self._mask_cache[key] = mask
+        return self._mask_cache[key]
+
+    def forward(
+        self, x: torch.Tensor, hw: Tuple[int, int]
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, Tuple[int, int]]:
+        """x: (B, H*W, C) -> (stage tokens, prior logits (B, H*W, K) or None, next tokens, next (H, W))."""
+        mask = self.shift_mask(hw[0], hw[1], x.device) if len(self.blocks) > 1 else None
+        for blk in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+                x = torch.utils.checkpoint.checkpoint(blk, x, hw, mask, use_reentrant=False)
+            else:
+                x = blk(x, hw, mask)
+        prior = None
+        if self.semantic_layer is not None:
+            prior, x = self.semantic_layer(x, hw)
+        if self.downsample is None:
+            return x, prior, x, hw
+        return x, prior, self.downsample(x, hw), ((hw[0] + 1) // 2, (hw[1] + 1) // 2)
+
+
+class SeMaskSwinTransformer(nn.Module):
+    """SeMask Swin Transformer: Swin stages, each followed by a semantic layer.
+
+    ``forward(x)`` takes images ``(B, in_chans, H, W)`` (any size, down to 1x1) and returns
+    ``(features, priors)``: lists with one NCHW tensor per index in ``out_indices``; features of
+    stage i have ``embed_dim * 2**i`` channels at stride ``4 * 2**i`` (sizes rounded up), priors
+    have ``num_classes`` channels (raw logits, no softmax). With ``semantic_layers=False`` the
+    semantic layers are absent (plain Swin with per-output norms) and ``priors`` is empty.
+
+    Args:
+        num_classes: classes K of the semantic layers.
+        in_chans: image channels.
+        embed_dim: channels of stage 0.
+        depths: Swin blocks per stage.
+        num_heads: attention heads per stage.
+        window_size: Swin window.
+        sem_window_size: window of the windowed semantic layers (default: ``window_size``).
+        sem_global: per stage, True for global semantic attention, False for windowed.
+        num_sem_blocks: SemanticAttention blocks per semantic layer (an int for all stages).
+        semantic_layers: False builds the plain baseline without semantic layers.
+        drop_path_rate: stochastic-depth ramp end, over the Swin blocks only.
+        sem_drop: dropout inside the semantic attention (0.1 officially).
+        ape: absolute position embedding (bicubic-resized to the input); pretrain_img_size sets its grid.
+        out_indices: stages to output (validated; negative indices count from the end).
+        frozen_stages: official semantics: >= 0 freezes the patch embedding, >= 2 also stages 0..n-2.
+        output_stride: only 32 is supported (Swin has no dilation).
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 150,
+        in_chans: int = 3,
+        embed_dim: int = 96,
+        depths: Sequence[int] = (2, 2, 6, 2),
+        num_heads: Sequence[int] = (3, 6, 12, 24),
+        window_size: int = 7,
+        sem_window_size: Optional[int] = None,
+        sem_global: Union[bool, Sequence[bool]] = False,
+        num_sem_blocks: Union[int, Sequence[int]] = 1,
+        semantic_layers: bool = True,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        qk_scale: Optional[float] = None,
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.3,
+        sem_drop: float = 0.1,
+        patch_size: int = 4,
+        patch_norm: bool = True,
+        ape: bool = False,
+        pretrain_img_size: int = 224,
+        out_indices: Sequence[int] = (0, 1, 2, 3),
+        frozen_stages: int = -1,
+        output_stride: int = 32,
+    ) -> None:
+        super().__init__()
+        n = len(depths)
+        if len(num_heads) != n:
+            raise ValueError(f"depths {tuple(depths)} and num_heads {tuple(num_heads)} must have the same length")
+        if output_stride != 32:
+            raise ValueError(
+                f"SeMask Swin supports output_stride=32 only (got {output_stride}): Swin has no dilated "
+                "variant. Use output_stride=32 and upsample in the decoder."
+            )
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        sem_global = (sem_global,) * n if isinstance(sem_global, bool) else tuple(bool(g) for g in sem_global)
+        num_sem_blocks = (num_sem_blocks,) * n if isinstance(num_sem_blocks, int) else tuple(num_sem_blocks)
+        if len(sem_global) != n or len(num_sem_blocks) != n:
+            raise ValueError(f"sem_global and num_sem_blocks need one entry per stage ({n} stages)")
+        if not semantic_layers:
+            num_sem_blocks = (0,) * n
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.embed_dim = embed_dim
+        self.depths = tuple(depths)
+        self.window_size = window_size
+        self.sem_window_size = sem_window_size or window_size
+        self.sem_global = sem_global
+        self.semantic_layers = semantic_layers
+        self.out_indices = normalize_out_indices(out_indices, n)
+        self.frozen_stages = frozen_stages
+        self.num_features = [embed_dim * 2 ** i for i in range(n)]
+        self.patch_size = patch_size
+        self.ape = ape
+
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, patch_norm)
+        if ape:
+            grid = pretrain_img_size // patch_size
+            self.absolute_pos_embed = nn.Parameter(torch.zeros(1, embed_dim, grid, grid))
+            trunc_normal_(self.absolute_pos_embed, std=0.02)
+        self.pos_drop = nn.Dropout(drop_rate)
+        total = sum(depths)  # linear ramp 0..drop_path_rate (python floats: works on the meta device)
+        dpr = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
+        self.layers = nn.ModuleList([
+            SwinStage(
+                self.num_features[i], depths[i], num_heads[i], window_size, num_classes, self.sem_window_size,
+                sem_global[i], num_sem_blocks[i], mlp_ratio, qkv_bias, qk_scale, drop_rate, attn_drop_rate,
+                dpr[sum(depths[:i]):sum(depths[: i + 1])], downsample=i < n - 1, sem_drop=sem_drop,
+            )
+            for i in range(n)
+        ])
+        for i in self.out_indices:
+            self.add_module(f"norm{i}", nn.LayerNorm(self.num_features[i]))
+        self.feature_info = [
+            dict(num_chs=self.num_features[i], reduction=patch_size * 2 ** i, module=f"norm{i}")
+            for i in self.out_indices
+        ]
+        self.apply(self._init_weights)
+        self._freeze_stages()
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        # mmseg's backbone.init_weights: every Linear (semantic ones included) trunc_normal(0.02)
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def _freeze_stages(self) -> None:
+        modules: List[nn.Module] = []
+        if self.frozen_stages >= 0:
+            modules.append(self.patch_embed)
+        if self.frozen_stages >= 1 and self.ape:
+            self.absolute_pos_embed.requires_grad = False
+        if self.frozen_stages >= 2:
+            modules += [self.layers[i] for i in range(self.frozen_stages - 1)]
+        for m in modules:
+            m.eval()
+            for p in m.parameters():
+                p.requires_grad = False
+
+    def train(self, mode: bool = True) -> "SeMaskSwinTransformer":
+        super().train(mode)
+        self._freeze_stages()
+        return self
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute Swin blocks in the backward pass (less memory, same gradients)."""
+        for stage in self.layers:
+            stage.grad_checkpointing = enable
+
+    def reset_classes(self, num_classes: int) -> None:
+        """Re-initialise only the class-dependent tensors (semantic q/k projections) for K classes."""
+        self.num_classes = num_classes
+        for m in self.modules():
+            if isinstance(m, SemanticLayer):
+                m.num_classes = num_classes
+                for blk in m.class_injection:
+                    blk.reset_num_classes(num_classes)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        return {"absolute_pos_embed"}
+
+    @torch.jit.ignore
+    def no_weight_decay_keywords(self) -> set:
+        return {"relative_position_bias_table"}
+
+    def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        check_image_input(x, self.in_chans)
+        x = self.patch_embed(x)
+        hw = (x.shape[2], x.shape[3])
+        if self.ape:
+            x = x + F.interpolate(self.absolute_pos_embed, size=hw, mode="bicubic")
+        return self.pos_drop(x.flatten(2).transpose(1, 2)), hw
+
+    def forward(self, x: torch.Tensor) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """x: (B, in_chans, H, W) float -> (features [B, C_i, H_i, W_i], priors [B, K, H_i, W_i])."""
+        x, hw = self._embed(x)
+        feats: List[torch.Tensor] = []
+        priors: List[torch.Tensor] = []
+        last = max(self.out_indices)
+        for i, stage in enumerate(self.layers):
+            out, prior, x, next_hw = stage(x, hw)
+            if i in self.out_indices:
+                b = out.shape[0]
+                feats.append(getattr(self, f"norm{i}")(out).transpose(1, 2).reshape(b, -1, hw[0], hw[1]))
+                if prior is not None:
+                    priors.append(prior.transpose(1, 2).reshape(b, -1, hw[0], hw[1]))
+            if i == last:
+                break
+            hw = next_hw
+        return feats, priors
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, Sequence[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """timm's feature API (used by ``features_only=True``): NCHW features of the requested stages."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        n = len(self.layers)
+        if indices is None:
+            wanted = list(self.out_indices)
+        elif isinstance(indices, int):
+            wanted = list(range(n - indices, n))
+        else:
+            wanted = normalize_out_indices(indices, n)
+        missing = [i for i in wanted if i not in self.out_indices]
+        if missing:
+            raise ValueError(f"stages {missing} are not in out_indices {self.out_indices}")
+        feats, _ = self.forward(x)
+        picked = [feats[self.out_indices.index(i)] for i in wanted]
+        return picked if intermediates_only else (feats[-1], picked)
+
+
+# --------------------------------------------------------------------------------------------------
+# Registered backbones (also in timm's registry: timm.create_model("semask_swin_tiny", features_only=True))
+
+def _timm_cfg(**kwargs) -> dict:
+    return dict(
+        url="", num_classes=150, input_size=(3, 512, 512), pool_size=None, crop_pct=1.0,
+        interpolation="bilinear", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+        first_conv="patch_embed.proj", classifier=None, license="apache-2.0", **kwargs,
+    )
+
+
+# The per-stage windowed/global default is the pattern of the official ADE20K FPN checkpoint of
+# each size (spec section 1.4): T/S/L use W W G G, B uses W W W W.
+_SWIN_ARCHS = {
+    "semask_swin_tiny": dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7,
+                             sem_global=(False, False, True, True)),
+    "semask_swin_small": dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), window_size=7,
+                              sem_global=(False, False, True, True)),
+    "semask_swin_base": dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), window_size=12,
+                             sem_global=(False, False, False, False)),
+    "semask_swin_large": dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48), window_size=12,
+                              sem_global=(False, False, True, True)),
+}
+
+
+def swin_arch_kwargs(variant: str) -> dict:
+    """Architecture kwargs of a SeMask Swin size (``semask_swin_{tiny,small,base,large}``)."""
+    return dict(_SWIN_ARCHS[variant])
+
+
+def _create_semask_swin(variant: str, pretrained: bool = False, **kwargs) -> SeMaskSwinTransformer:
+
+    kwargs = {**swin_arch_kwargs(variant), **kwargs}
+    model = build_model_with_cfg(
+        SeMaskSwinTransformer, variant, pretrained=False,
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"), **kwargs,
+    )
+    if pretrained:
+        from ..hub import load_pretrained
+
+        load_pretrained(model, pretrained, cfg=None, name=variant)
+    return model
+
+
+default_cfgs = generate_default_cfgs({name: _timm_cfg() for name in _SWIN_ARCHS})
+
+
+@timm_register_model
+@register_model(kind="backbone")
+def semask_swin_tiny(pretrained: bool = False, **kwargs) -> SeMaskSwinTransformer:
+    """SeMask Swin-T: embed 96, depths 2-2-6-2, window 7, semantic layers W W G G."""
+    return _create_semask_swin("semask_swin_tiny", pretrained, **kwargs)
+
+
+@timm_register_model
+@register_model(kind="backbone")
+def semask_swin_small(pretrained: bool = False, **kwargs) -> SeMaskSwinTransformer:
+    """SeMask Swin-S: embed 96, depths 2-2-18-2, window 7, semantic layers W W G G."""
+    return _create_semask_swin("semask_swin_small", pretrained, **kwargs)
+
+
+@timm_register_model
+@register_model(kind="backbone")
+def semask_swin_base(pretrained: bool = False, **kwargs) -> SeMaskSwinTransformer:
+    """SeMask Swin-B: embed 128, depths 2-2-18-2, window 12, semantic layers W W W W."""
+    return _create_semask_swin("semask_swin_base", pretrained, **kwargs)
+
+
+@timm_register_model
+@register_model(kind="backbone")
+def semask_swin_large(pretrained: bool = False, **kwargs) -> SeMaskSwinTransformer:
+    """SeMask Swin-L: embed 192, depths 2-2-18-2, window 12, semantic layers W W G G."""
+    return _create_semask_swin("semask_swin_large", pretrained, **kwargs)

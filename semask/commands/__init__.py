@@ -1,0 +1,1 @@
+"""Sub-commands of the ``semask`` CLI (one module each: ``add_arguments`` and ``run``)."""

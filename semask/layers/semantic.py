@@ -1,0 +1,135 @@
+"""SeMask's semantic attention: a class-space attention that both predicts a semantic prior map and
+re-weights the features with it (Jain et al., SeMask, spec section 1.4)."""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+
+from .window import pad_to_multiple, window_partition, window_reverse
+
+__all__ = ["SemanticAttention", "SemanticLayer"]
+
+
+class SemanticAttention(nn.Module):
+    """Single-head attention in class space.
+
+    ``q, k = Linear(C -> K)(x)``, ``v = Linear(C -> C)(x)``, ``A = softmax(q k^T)`` (unscaled, as in the
+    official code), and the output is ``x + gamma * dropout(res(A v))``. ``q`` is returned as the
+    semantic prior logits. Works on any token set ``(B, N, C)``.
+
+    Args:
+        dim: token channels C.
+        num_classes: classes K (width of q and k).
+        proj_drop: dropout on the residual branch (0.1, hard-coded in the official code).
+    """
+
+    def __init__(self, dim: int, num_classes: int, proj_drop: float = 0.1) -> None:
+        super().__init__()
+        self.dim = dim
+        self.num_classes = num_classes
+        self.mlp_cls_q = nn.Linear(dim, num_classes)
+        self.mlp_cls_k = nn.Linear(dim, num_classes)
+        self.mlp_v = nn.Linear(dim, dim)
+        self.mlp_res = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        # gamma = 0 at init: the block starts as the identity on the (normalised) stream
+        self.gamma = nn.Parameter(torch.zeros(1))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Official (mmseg) init: trunc_normal(0.02) Linears with zero bias, gamma 0."""
+        for lin in (self.mlp_cls_q, self.mlp_cls_k, self.mlp_v, self.mlp_res):
+            trunc_normal_(lin.weight, std=0.02)
+            nn.init.zeros_(lin.bias)
+        nn.init.zeros_(self.gamma)
+
+    def reset_num_classes(self, num_classes: int) -> None:
+        """Replace q/k by freshly initialised ``Linear(C -> num_classes)`` (v, res and gamma are kept)."""
+        w = self.mlp_cls_q.weight
+        self.num_classes = num_classes
+        for name in ("mlp_cls_q", "mlp_cls_k"):
+            lin = nn.Linear(self.dim, num_classes).to(w.device, w.dtype)
+            trunc_normal_(lin.weight, std=0.02)
+            nn.init.zeros_(lin.bias)
+            setattr(self, name, lin)
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, N, C) -> (prior logits (B, N, K), features (B, N, C))."""
+        q = self.mlp_cls_q(x)
+        k = self.mlp_cls_k(x)
+        v = self.mlp_v(x)
+        if q.dtype == torch.float16:
+            # unscaled K-dim logits can exceed fp16's range: run the softmax in fp32
+            attn = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=1.0).to(v.dtype)
+        else:
+            attn = F.scaled_dot_product_attention(q, k, v, scale=1.0)
+        y = self.proj_drop(self.mlp_res(attn))
+        return q, x + self.gamma * y
+
+
+class SemanticLayer(nn.Module):
+    """Pre-LayerNorm plus one or more :class:`SemanticAttention` blocks over a token map.
+
+    The stream is *replaced* by its normalised version (official quirk Q1): the output is
+    ``LN(x) + gamma * attn(LN(x))``. Attention runs globally over all tokens or in non-overlapping
+    windows (zero-padded bottom/right to a multiple of ``window_size``, no shift, padded tokens are
+    unmasked keys).
+
+    Args:
+        dim: channels C.
+        num_classes: classes K.
+        window_size: semantic window (ignored when ``global_attn``).
+        global_attn: attend over the whole map instead of windows.
+        num_blocks: number of stacked SemanticAttention blocks (1 in every official config).
+        proj_drop: dropout of the attention residual.
+        norm_layer: the pre-norm.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_classes: int,
+        window_size: int = 7,
+        global_attn: bool = False,
+        num_blocks: int = 1,
+        proj_drop: float = 0.1,
+        norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
+    ) -> None:
+        super().__init__()
+        if num_blocks < 1:
+            raise ValueError(f"SemanticLayer needs num_blocks >= 1, got {num_blocks}")
+        self.window_size = window_size
+        self.global_attn = global_attn
+        self.num_classes = num_classes
+        self.norm1 = norm_layer(dim)
+        self.class_injection = nn.ModuleList(
+            [SemanticAttention(dim, num_classes, proj_drop) for _ in range(num_blocks)]
+        )
+
+    def _attend(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        prior = x
+        for blk in self.class_injection:
+            prior, x = blk(x)
+        return prior, x
+
+    def forward(self, x: torch.Tensor, hw: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, H*W, C) tokens of an H x W map -> (prior logits (B, H*W, K), tokens (B, H*W, C))."""
+        x = self.norm1(x)
+        if self.global_attn:
+            return self._attend(x)
+        b, _, c = x.shape
+        h, w = hw
+        ws = self.window_size
+        xp = pad_to_multiple(x.view(b, h, w, c), ws)
+        hp, wp = xp.shape[1], xp.shape[2]
+        prior, xw = self._attend(window_partition(xp, ws))
+        xw = window_reverse(xw, ws, hp, wp)[:, :h, :w].reshape(b, h * w, c)
+        prior = window_reverse(prior, ws, hp, wp)[:, :h, :w].reshape(b, h * w, self.num_classes)
+        return prior, xw
+
+    def extra_repr(self) -> str:
+        return "global" if self.global_attn else f"windowed, window_size={self.window_size}"

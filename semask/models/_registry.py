@@ -1,0 +1,193 @@
+"""Model registry: entrypoints, aliases and per-tag pretrained configs (``name.tag``), like timm's."""
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch.nn as nn
+
+__all__ = [
+    "PretrainedCfg",
+    "register_model",
+    "register_pretrained_cfgs",
+    "list_models",
+    "list_pretrained",
+    "get_pretrained_cfg",
+    "create_model",
+    "split_model_name_tag",
+    "resolve_model_name",
+]
+
+IMAGENET_MEAN_255 = (123.675, 116.28, 103.53)
+IMAGENET_STD_255 = (58.395, 57.12, 57.375)
+
+
+@dataclass
+class PretrainedCfg:
+    """Everything a tag knows about one released set of weights.
+
+    ``arch_kwargs`` are passed to the model builder (e.g. the per-stage windowed/global semantic
+    pattern that the official code hard-coded for that checkpoint and that shapes cannot tell).
+    Normalisation is in 0..255 pixel units (RGB), as in mmseg.
+    """
+
+    tag: str = ""
+    architecture: str = ""
+    hf_hub_id: Optional[str] = None
+    hf_hub_revision: Optional[str] = None
+    source_url: Optional[str] = None  # where the official checkpoint was released
+    num_classes: int = 150
+    arch_kwargs: Dict[str, Any] = field(default_factory=dict)
+    dataset: str = ""
+    class_names: Optional[Tuple[str, ...]] = None
+    palette: Optional[Tuple[Tuple[int, int, int], ...]] = None
+    mean: Tuple[float, float, float] = IMAGENET_MEAN_255
+    std: Tuple[float, float, float] = IMAGENET_STD_255
+    crop_size: Tuple[int, int] = (512, 512)
+    test_scale: Optional[Tuple[int, int]] = (2048, 512)  # keep-ratio resize (long, short) at test time
+    reduce_zero_label: bool = False
+    ignore_index: int = 255
+    license: str = "apache-2.0"
+    metrics: Dict[str, float] = field(default_factory=dict)  # e.g. {"miou": 43.0, "miou_ms": 43.9}
+    notes: str = ""
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "PretrainedCfg":
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        for k in ("mean", "std", "crop_size", "test_scale", "class_names"):
+            if known.get(k) is not None:
+                known[k] = tuple(known[k])
+        if known.get("palette") is not None:
+            known["palette"] = tuple(tuple(c) for c in known["palette"])
+        return cls(**known)
+
+    @property
+    def full_name(self) -> str:
+        return f"{self.architecture}.{self.tag}" if self.tag else self.architecture
+
+
+_entrypoints: Dict[str, Callable[..., nn.Module]] = {}
+_aliases: Dict[str, str] = {}
+_pretrained_cfgs: Dict[str, Dict[str, PretrainedCfg]] = {}  # arch -> tag -> cfg (first = default)
+_kinds: Dict[str, str] = {}
+
+
+def register_model(
+    fn: Optional[Callable] = None, *, aliases: Sequence[str] = (), kind: str = "segmentor"
+) -> Callable:
+    """Decorator: register ``fn`` under its ``__name__`` (and ``aliases``). ``kind``: segmentor | backbone."""
+
+    def wrap(f: Callable) -> Callable:
+        name = f.__name__
+        _entrypoints[name] = f
+        _kinds[name] = kind
+        for a in aliases:
+            _aliases[a] = name
+        return f
+
+    return wrap(fn) if fn is not None else wrap
+
+
+def register_pretrained_cfgs(architecture: str, cfgs: Dict[str, PretrainedCfg]) -> None:
+    """Attach tags to an architecture; the first tag becomes its default."""
+    table = _pretrained_cfgs.setdefault(architecture, {})
+    for tag, cfg in cfgs.items():
+        table[tag] = replace(cfg, tag=tag, architecture=architecture)
+
+
+def split_model_name_tag(name: str) -> Tuple[str, str]:
+    arch, _, tag = name.partition(".")
+    return arch, tag
+
+
+def resolve_model_name(name: str) -> Tuple[str, str]:
+    """``name[.tag]`` (or an alias) -> (registered architecture, tag); clear error if unknown."""
+    arch, tag = split_model_name_tag(name)
+    arch = _aliases.get(arch, arch)
+    if arch not in _entrypoints:
+        close = difflib.get_close_matches(arch, list(_entrypoints) + list(_aliases), n=3)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise ValueError(f"Unknown model {name!r}.{hint} semask.list_models() lists the registered models.")
+    if tag and tag not in _pretrained_cfgs.get(arch, {}):
+        tags = list(_pretrained_cfgs.get(arch, {}))
+        raise ValueError(f"Unknown tag {tag!r} for model {arch!r}; available tags: {tags or 'none'}")
+    return arch, tag
+
+
+def list_models(pattern: str = "", pretrained: bool = False, kind: Optional[str] = None) -> List[str]:
+    """Registered model names matching a wildcard ``pattern``. ``pretrained=True`` lists ``name.tag``."""
+    names: List[str] = []
+    for arch in sorted(_entrypoints):
+        if kind and _kinds[arch] != kind:
+            continue
+        if pretrained:
+            names += [f"{arch}.{t}" for t in _pretrained_cfgs.get(arch, {})]
+        else:
+            names.append(arch)
+    return [n for n in names if not pattern or fnmatch.fnmatch(n, pattern)]
+
+
+def list_pretrained(pattern: str = "") -> List[str]:
+    """All ``name.tag`` pairs with a pretrained cfg."""
+    return list_models(pattern, pretrained=True)
+
+
+def list_aliases() -> Dict[str, str]:
+    return dict(_aliases)
+
+
+def get_pretrained_cfg(name: str) -> Optional[PretrainedCfg]:
+    """The cfg of ``name.tag`` (the default tag when none is given), or None for untagged models."""
+    arch, tag = resolve_model_name(name)
+    table = _pretrained_cfgs.get(arch, {})
+    if not table:
+        return None
+    return replace(table[tag] if tag else next(iter(table.values())))
+
+
+def get_entrypoint(name: str) -> Callable[..., nn.Module]:
+    return _entrypoints[resolve_model_name(name)[0]]
+
+
+def create_model(
+    name: str,
+    pretrained: Union[bool, str] = False,
+    num_classes: Optional[int] = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """Build a registered model.
+
+    Args:
+        name: ``architecture[.tag]`` or an alias (``semask_swin_b_fpn.ade20k``) or ``hf-hub:org/repo[@rev]``.
+        pretrained: False; True for the tag's published weights; a folder / ``.safetensors`` file /
+            ``hf-hub:`` id to load from.
+        num_classes: classes K; defaults to the tag's (150 when untagged). A K different from the
+            loaded weights re-initialises only the class-dependent tensors.
+        **kwargs: architecture overrides (strict: unknown names raise TypeError).
+    """
+    if name.startswith("hf-hub:"):
+        from ..hub import create_from_hub
+
+        return create_from_hub(name, num_classes=num_classes, **kwargs)
+    arch, _ = resolve_model_name(name)
+    cfg = get_pretrained_cfg(name)
+    build_kwargs = dict(cfg.arch_kwargs) if cfg is not None else {}
+    build_kwargs.update(kwargs)
+    if num_classes is None:
+        num_classes = cfg.num_classes if cfg is not None else 150
+    model = _entrypoints[arch](num_classes=num_classes, **build_kwargs)
+    # what save_pretrained writes to config.json: enough to rebuild the same architecture
+    model.semask_config = dict(architecture=arch, num_classes=num_classes, model_kwargs=build_kwargs,
+                               pretrained_cfg=cfg.to_dict() if cfg is not None else None)
+    if cfg is not None:
+        model.pretrained_cfg = cfg.to_dict()
+    if pretrained:
+        from ..hub import load_pretrained
+
+        load_pretrained(model, pretrained, cfg=cfg, name=name)
+    return model

@@ -1,0 +1,144 @@
+"""Encoder-decoder segmentor: a SeMask backbone, a decode head and the light semantic decoder."""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+
+from ..decoders.fpn import SemanticDecoder
+from ..layers import SemanticAttention
+from ..losses import ohem_weights, segmentation_ce
+
+__all__ = ["SeMaskSegmentor"]
+
+
+class SeMaskSegmentor(nn.Module):
+    """Backbone ``(features, priors)`` + decode head + semantic branch, with the official losses.
+
+    * ``model(images)`` -> logits (B, K, H, W) at the input size (bilinear, align_corners False):
+      the official ``encode_decode``.
+    * ``model(images, labels)`` / ``model.loss(images, labels)`` -> dict with ``loss`` (the total),
+      ``loss_ce`` (main CE, optional OHEM), ``loss_cate`` (``sem_loss_weight`` x semantic CE) and
+      ``logits``. Labels are (B, H, W) or (B, 1, H, W) ints with ``ignore_index`` pixels.
+    * ``model.forward_all(images)`` -> dict with ``features``, ``priors``, ``head_seg``,
+      ``head_sem`` (stride 4) and ``logits``.
+
+    Args:
+        backbone: returns ``(features, priors)``; must expose ``feature_info`` and ``num_classes``.
+        decode_head: maps the feature list to stride-4 logits.
+        num_classes: K.
+        sem_loss_weight: weight of the semantic CE (0.4 officially).
+        loss_reduction: ``"valid"`` (mean over labelled pixels) or ``"mmseg"`` (official: mean over
+            all pixels, ignored ones counting 0).
+        ohem: None, or ``dict(min_kept=100000, thresh=None)`` for OHEM on the main loss.
+        ignore_index: label value ignored by the losses.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        decode_head: nn.Module,
+        num_classes: int,
+        sem_loss_weight: float = 0.4,
+        loss_reduction: str = "valid",
+        ohem: Optional[Dict[str, Any]] = None,
+        ignore_index: int = 255,
+        align_corners: bool = False,
+    ) -> None:
+        super().__init__()
+        if loss_reduction not in ("valid", "mmseg"):
+            raise ValueError(f"loss_reduction must be 'valid' or 'mmseg', got {loss_reduction!r}")
+        self.backbone = backbone
+        self.decode_head = decode_head
+        self.semantic_decoder = SemanticDecoder(align_corners)
+        self.num_classes = num_classes
+        self.sem_loss_weight = sem_loss_weight
+        self.loss_reduction = loss_reduction
+        self.ohem = dict(ohem) if ohem else None
+        self.ignore_index = ignore_index
+        self.align_corners = align_corners
+
+    @property
+    def in_chans(self) -> int:
+        return getattr(self.backbone, "in_chans", 3)
+
+    @property
+    def has_semantic_layers(self) -> bool:
+        return any(isinstance(m, SemanticAttention) for m in self.backbone.modules())
+
+    def forward_all(self, images: torch.Tensor) -> Dict[str, Any]:
+        feats, priors = self.backbone(images)
+        head_seg = self.decode_head(feats)
+        out: Dict[str, Any] = dict(features=feats, priors=priors, head_seg=head_seg)
+        out["head_sem"] = self.semantic_decoder(priors) if len(priors) else None
+        out["logits"] = F.interpolate(head_seg, size=images.shape[-2:], mode="bilinear",
+                                      align_corners=self.align_corners)
+        return out
+
+    def forward(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None):
+        """images (B, C, H, W) -> logits (B, K, H, W); with labels, the loss dict (see class doc)."""
+        if labels is not None:
+            return self.loss(images, labels)
+        feats, _ = self.backbone(images)
+        return F.interpolate(self.decode_head(feats), size=images.shape[-2:], mode="bilinear",
+                             align_corners=self.align_corners)
+
+    def compute_losses(
+        self, head_seg: torch.Tensor, head_sem: Optional[torch.Tensor], labels: torch.Tensor
+    ) -> Dict[str, torch.Tensor]:
+        """Losses from stride-4 logits and full-size labels (both logits are resized to the labels)."""
+        if labels.ndim == 4:
+            labels = labels.squeeze(1)
+        if labels.ndim != 3 or labels.is_floating_point():
+            raise ValueError(
+                f"labels must be integer class maps of shape (B, H, W) or (B, 1, H, W), got "
+                f"{tuple(labels.shape)} {labels.dtype}"
+            )
+        labels = labels.long()
+        seg = F.interpolate(head_seg, size=labels.shape[-2:], mode="bilinear", align_corners=self.align_corners)
+        weight = None
+        if self.ohem is not None:
+            weight = ohem_weights(seg, labels, ignore_index=self.ignore_index, **self.ohem)
+        losses = {"loss_ce": segmentation_ce(seg, labels, self.ignore_index, self.loss_reduction, weight)}
+        if head_sem is not None and self.sem_loss_weight:
+            losses["loss_cate"] = self.sem_loss_weight * segmentation_ce(
+                head_sem, labels, self.ignore_index, self.loss_reduction
+            )
+        losses["loss"] = sum(losses.values())
+        return losses
+
+    def loss(self, images: torch.Tensor, labels: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Training step: dict with ``loss``, ``loss_ce``, ``loss_cate`` and ``logits``."""
+        if labels.shape[0] != images.shape[0] or labels.shape[-2:] != images.shape[-2:]:
+            raise ValueError(
+                f"labels {tuple(labels.shape)} must match the images' batch and size {tuple(images.shape)}"
+            )
+        out = self.forward_all(images)
+        losses = self.compute_losses(out["head_seg"], out["head_sem"], labels)
+        losses["logits"] = out["logits"]
+        return losses
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Rebuild only the class-dependent tensors (classifier, semantic q/k) for ``num_classes``."""
+        self.num_classes = num_classes
+        head = self.decode_head
+        old = head.conv_seg
+        head.conv_seg = nn.Conv2d(old.in_channels, num_classes, 1).to(old.weight.device, old.weight.dtype)
+        nn.init.normal_(head.conv_seg.weight, std=0.01)
+        nn.init.zeros_(head.conv_seg.bias)
+        head.num_classes = num_classes
+        if hasattr(self.backbone, "reset_classes"):
+            self.backbone.reset_classes(num_classes)
+
+    def param_groups(self, weight_decay: float, no_decay_keywords: Sequence[str] = (
+            "absolute_pos_embed", "relative_position_bias_table", "norm")) -> List[Dict[str, Any]]:
+        """AdamW groups with the official (mmseg) no-decay rule: substring match on parameter names."""
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if any(k in name for k in no_decay_keywords) else decay).append(p)
+        return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
