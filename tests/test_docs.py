@@ -1,0 +1,54 @@
+"""Every Python example in README.md and docs/*.md runs, and the docs build with ``mkdocs --strict``."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO_ROOT
+
+_BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
+DOC_FILES = sorted([REPO_ROOT / "README.md", *(REPO_ROOT / "docs").glob("*.md")])
+
+
+def python_blocks(path: Path):
+    return _BLOCK.findall(path.read_text())
+
+
+@pytest.mark.parametrize("path", [p for p in DOC_FILES if python_blocks(p)], ids=lambda p: p.name)
+def test_doc_examples_run(path, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    namespace: dict = {"__name__": "__doc_example__"}
+    for i, code in enumerate(python_blocks(path)):
+        try:
+            exec(compile(code, f"{path.name}[block {i}]", "exec"), namespace)
+        except Exception as e:  # re-raise with the failing block for a readable report
+            raise AssertionError(f"{path.name} block {i} failed: {e!r}\n---\n{code}") from e
+
+
+def test_readme_opens_with_two_commands():
+    text = (REPO_ROOT / "README.md").read_text()
+    block = re.search(r"```(?:bash|sh|shell)?\n(.*?)```", text, re.S).group(1)
+    lines = [l for l in block.splitlines() if l.strip() and not l.strip().startswith("#")]
+    assert len(lines) == 2
+    ci = (REPO_ROOT / ".ci" / "run").read_text()
+    test_cmd = lines[1].split("&&")[-1].strip()
+    assert test_cmd in ci, f"README's test command {test_cmd!r} must be what .ci/run runs"
+
+
+@pytest.mark.skipif(shutil.which("mkdocs") is None and os.environ.get("CI") != "true", reason="mkdocs not installed")
+def test_mkdocs_build_strict(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (tmp_path / "site" / "model_zoo" / "index.html").exists()
+    zoo = (tmp_path / "site" / "model_zoo" / "index.html").read_text()
+    assert "semask_swin_tiny_fpn.ade20k" in zoo and "34.656" in zoo
