@@ -9,9 +9,15 @@ from .models import (
 )
 from . import backbones  # noqa: F401  (registers the backbones in semask's and timm's registries)
 from .models import fpn as _fpn  # noqa: F401  (registers the FPN segmentors)
+from .models import generic as _generic  # noqa: F401  (SeMask-MiT, semask_fpn / semask_segformer)
+from .models import mask_former as _mask_former  # noqa: F401  (MaskFormer / Mask2Former / FaPN / MSFaPN)
+from .backbones.wrap import wrap
 from .models.segmentor import SeMaskSegmentor
 from .backbones import SeMaskSwinTransformer
 from .layers import SemanticAttention, SemanticLayer
+from .hub import HubMixin, from_pretrained, push_to_hub, save_pretrained
+from .inference import predict
+from .metrics import SegmentationMetric
 
 __all__ = [
     "__version__",
@@ -20,8 +26,15 @@ __all__ = [
     "SeMaskSwinTransformer",
     "SemanticAttention",
     "SemanticLayer",
+    "HubMixin",
+    "from_pretrained",
+    "push_to_hub",
+    "save_pretrained",
     "create_model",
     "get_pretrained_cfg",
     "list_models",
     "list_pretrained",
+    "wrap",
+    "predict",
+    "SegmentationMetric",
 ]

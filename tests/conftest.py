@@ -64,3 +64,13 @@ TINY_SWIN = dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), wind
 @pytest.fixture
 def tiny_swin_kwargs() -> dict:
     return dict(TINY_SWIN)
+
+
+@pytest.fixture
+def single_thread():
+    """One intra-op thread for the test: on a busy 2-core machine, tiny models run many times faster
+    (measured ~40x for a tiny MiT training step) than with two spinning threads."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

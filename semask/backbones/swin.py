@@ -19,7 +19,10 @@ import torch.utils.checkpoint
 from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import build_model_with_cfg
 
-from ..layers import SemanticLayer, pad_to_multiple, shifted_window_mask, window_partition, window_reverse
+from ..layers import (
+    SemanticLayer, cached_shifted_window_mask, merge_index, padded_size, tokens_to_windows, window_index,
+    windows_to_tokens,
+)
 from timm.models import generate_default_cfgs, register_model as timm_register_model
 
 from ..models._registry import register_model
@@ -65,17 +68,28 @@ class WindowAttention(nn.Module):
         """x: (B*nW, N, C) windows; mask: (nW, 1, N, N) additive shift mask or None."""
         bw, n, c = x.shape
         h = self.num_heads
-        qkv = self.qkv(x).view(batch, -1, n, 3, h, c // h).permute(3, 0, 1, 4, 2, 5)  # 3,B,nW,h,N,hd
-        bias = self.relative_position_bias()
-        bias = bias.unsqueeze(0) if mask is None else bias.unsqueeze(0) + mask  # (1|nW, h, N, N)
-        q, k, v = (t.flatten(1, 2) for t in qkv.unbind(0))  # (B, nW*h, N, hd)
-        nw = q.shape[1] // h
-        bias = bias.expand(nw, h, n, n).reshape(nw * h, n, n).to(q.dtype)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale
-        )
-        out = out.view(batch, nw, h, n, c // h).transpose(2, 3).reshape(bw, n, c)
-        return self.proj_drop(self.proj(out))
+        # (B*nW, h, N, hd) strided views of the qkv output: no copies before the attention kernel
+        q, k, v = self.qkv(x).view(bw, n, 3, h, c // h).permute(2, 0, 3, 1, 4).unbind(0)
+        bias = self.relative_position_bias().unsqueeze(0)  # (1, h, N, N): broadcast over all windows
+        if mask is not None:
+            bias = bias + mask  # (nW, h, N, N) -> (B*nW, h, N, N): windows are batch-major
+            if type(batch) is int and type(bias.shape[0]) is int:
+                bias = bias.unsqueeze(0).expand(batch, -1, -1, -1, -1).reshape(bw, h, n, n)  # a view if B == 1
+            else:
+                # symbolic sizes (export): reshape's view-or-copy choice would guard on B == 1 / nW == 1
+                bias = bias.repeat(batch, 1, 1, 1)
+        if torch.compiler.is_exporting():
+            # plain matmul-softmax: exporters decompose SDPA into ops whose output layout differs from
+            # the fused kernel's, which breaks the views recorded at trace time (ONNX export)
+            attn = torch.matmul(q * self.scale, k.transpose(-2, -1)) + bias.to(q.dtype)
+            out = torch.matmul(attn.softmax(-1), v)
+        else:
+            # a 4-D mask keeps SDPA on its fused CPU/GPU kernels (a 3-D one falls back to the math path)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=bias.to(q.dtype), dropout_p=self.attn_drop if self.training else 0.0,
+                scale=self.scale,
+            )
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(bw, n, c)))
 
 
 class SwinBlock(nn.Module):
@@ -95,21 +109,18 @@ class SwinBlock(nn.Module):
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
 
-    def forward(self, x: torch.Tensor, hw: Tuple[int, int], mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """x: (B, H*W, C); mask: the stage's (nW, 1, N, N) shift mask (used by shifted blocks only)."""
-        b, _, c = x.shape
-        h, w = hw
+    def forward(
+        self, x: torch.Tensor, hw: Tuple[int, int], mask: Optional[torch.Tensor],
+        index: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    ) -> torch.Tensor:
+        """x: (B, H*W, C); mask: the stage's (nW, 1, N, N) shift mask (used by shifted blocks only);
+        index: this block's :func:`~semask.layers.window_index` (computed when None)."""
+        b = x.shape[0]
         ws, s = self.window_size, self.shift_size
-        y = pad_to_multiple(self.norm1(x).view(b, h, w, c), ws)
-        hp, wp = y.shape[1], y.shape[2]
-        if s:
-            y = torch.roll(y, shifts=(-s, -s), dims=(1, 2))
-        y = self.attn(window_partition(y, ws), b, mask if s else None)
-        y = window_reverse(y, ws, hp, wp)
-        if s:
-            y = torch.roll(y, shifts=(s, s), dims=(1, 2))
-        y = y[:, :h, :w].reshape(b, h * w, c)
-        x = x + self.drop_path(y)
+        fwd, inv = index if index is not None else window_index(hw[0], hw[1], ws, s, x.device)
+        # official order: LN1, zero-pad, roll, partition; here one gather does pad + roll + partition
+        y = self.attn(tokens_to_windows(self.norm1(x), fwd, ws), b, mask if s else None)
+        x = x + self.drop_path(windows_to_tokens(y, inv, b))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
@@ -124,11 +135,9 @@ class PatchMerging(nn.Module):
     def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
         """(B, H*W, C) -> (B, ceil(H/2)*ceil(W/2), 2C)."""
         b, _, c = x.shape
-        h, w = hw
-        x = F.pad(x.view(b, h, w, c), (0, 0, 0, w % 2, 0, h % 2))
-        hh, wh = x.shape[1] // 2, x.shape[2] // 2
-        # (B, H/2, 2[row], W/2, 2[col], C) -> channel blocks ordered col-major: (r0,c0),(r1,c0),(r0,c1),(r1,c1)
-        x = x.view(b, hh, 2, wh, 2, c).permute(0, 1, 3, 4, 2, 5).reshape(b, hh * wh, 4 * c)
+        # one gather (zero token for odd sizes) -> per output token the 4 neighbours in the official
+        # channel order (r0,c0), (r1,c0), (r0,c1), (r1,c1)
+        x = F.pad(x, (0, 0, 0, 1)).index_select(1, merge_index(hw[0], hw[1], x.device)).view(b, -1, 4 * c)
         return self.reduction(self.norm(x))
 
 
@@ -144,8 +153,9 @@ class PatchEmbed(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) -> (B, C, ceil(H/p), ceil(W/p))."""
         p = self.patch_size
-        h, w = x.shape[2], x.shape[3]
-        x = self.proj(F.pad(x, (0, (p - w % p) % p, 0, (p - h % p) % p)))
+        # a constant p - 1 zero pad gives the same ceil(H/p) x ceil(W/p) patches as padding to a multiple
+        # of p (the extra zeros fall outside every patch), without size-dependent pad amounts
+        x = self.proj(F.pad(x, (0, p - 1, 0, p - 1)))
         if self.norm is not None:
             x = self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         return x
@@ -178,33 +188,24 @@ class SwinStage(nn.Module):
             if num_sem_blocks > 0 else None
         )
         self.downsample = PatchMerging(dim) if downsample else None
-        self._mask_cache: Dict[Tuple, torch.Tensor] = {}
 
     def shift_mask(self, h: int, w: int, device: torch.device) -> torch.Tensor:
         """(nW, 1, N, N) additive mask for an h x w stage map (cached per size and device)."""
-        ws = self.window_size
-        hp, wp = h + (ws - h % ws) % ws, w + (ws - w % ws) % ws
-        tracing = torch.jit.is_tracing() or torch.compiler.is_compiling()
-        key = (hp, wp, device)
-        if tracing or key not in self._mask_cache:
-            mask = shifted_window_mask(hp, wp, ws, self.shift_size, device).unsqueeze(1)
-            if tracing:
-                return mask
-            if len(self._mask_cache) > 32:  # many sizes (multi-scale training): keep the cache bounded
-                self._mask_cache.clear()
-            self._mask_cache[key] = mask
-        return self._mask_cache[key]
+        return cached_shifted_window_mask(h, w, self.window_size, self.shift_size, device).unsqueeze(1)
 
     def forward(
         self, x: torch.Tensor, hw: Tuple[int, int]
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, Tuple[int, int]]:
         """x: (B, H*W, C) -> (stage tokens, prior logits (B, H*W, K) or None, next tokens, next (H, W))."""
         mask = self.shift_mask(hw[0], hw[1], x.device) if len(self.blocks) > 1 else None
-        for blk in self.blocks:
+        # gather indices shared by the blocks of the stage (regular and shifted windows)
+        index = [window_index(hw[0], hw[1], self.window_size, s, x.device) for s in (0, self.shift_size)]
+        for i, blk in enumerate(self.blocks):
+            idx = index[i % 2]
             if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-                x = torch.utils.checkpoint.checkpoint(blk, x, hw, mask, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(blk, x, hw, mask, idx, use_reentrant=False)
             else:
-                x = blk(x, hw, mask)
+                x = blk(x, hw, mask, idx)
         prior = None
         if self.semantic_layer is not None:
             prior, x = self.semantic_layer(x, hw)

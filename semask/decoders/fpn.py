@@ -12,6 +12,13 @@ import torch.nn.functional as F
 __all__ = ["ConvBNReLU", "FPNHead", "SemanticDecoder", "upsample_sum"]
 
 
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    # a pure layout choice; under torch.export NCHW instead: the layout of a symbolic batch of 1 is
+    # ambiguous (the conv meta function would guard on batch > 1) and ONNX has no layouts anyway
+    fmt = torch.contiguous_format if torch.compiler.is_exporting() else torch.channels_last
+    return x.contiguous(memory_format=fmt)
+
+
 class ConvBNReLU(nn.Module):
     """mmcv ``ConvModule``: conv3x3 (no bias) -> BatchNorm -> ReLU; keys ``conv.*``, ``bn.*``."""
 
@@ -23,7 +30,12 @@ class ConvBNReLU(nn.Module):
         nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.bn(self.conv(x)))
+        """(B, cin, H, W) -> (B, cout, H, W), channels-last strided (the fast layout on CPU and GPU)."""
+        # a channels-last weight makes oneDNN/cuDNN keep NHWC end to end (the upsampling that follows
+        # is ~4x faster in NHWC on CPU); converting per call keeps the stored parameter contiguous
+        w = _channels_last(self.conv.weight)
+        x = F.conv2d(_channels_last(x), w, None, self.conv.stride, self.conv.padding)
+        return self.act(self.bn(x))
 
 
 class _Up2(nn.Module):
@@ -73,7 +85,9 @@ class FPNHead(nn.Module):
         size = out.shape[-2:]
         for head, f in zip(self.scale_heads[1:], features[1:]):
             out = out + F.interpolate(head(f), size=size, mode="bilinear", align_corners=False)
-        return self.conv_seg(self.dropout(out))
+        w = _channels_last(self.conv_seg.weight)
+        # NHWC 1x1 conv (~1.7x faster than NCHW on CPU), logits returned in the default NCHW layout
+        return F.conv2d(self.dropout(out), w, self.conv_seg.bias).contiguous()
 
 
 def upsample_sum(maps: Sequence[torch.Tensor], align_corners: bool = False) -> torch.Tensor:

@@ -9,9 +9,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
-from .window import pad_to_multiple, window_partition, window_reverse
+from .window import tokens_to_windows, window_index, windows_to_tokens
 
 __all__ = ["SemanticAttention", "SemanticLayer"]
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Unscaled ``softmax(q k^T) v`` for (B, N, K) q/k and (B, N, C) v."""
+    if q.device.type == "cpu":
+        # q/k width K != v width C sends CPU SDPA to its generic math path; two bmm + softmax is
+        # the same computation with less overhead (about 1.5x faster at SeMask sizes)
+        return torch.bmm(torch.bmm(q, k.transpose(1, 2)).softmax(-1), v)
+    # fused kernels on accelerators (memory-efficient for large global maps)
+    return F.scaled_dot_product_attention(q, k, v, scale=1.0)
 
 
 class SemanticAttention(nn.Module):
@@ -64,9 +74,9 @@ class SemanticAttention(nn.Module):
         v = self.mlp_v(x)
         if q.dtype == torch.float16:
             # unscaled K-dim logits can exceed fp16's range: run the softmax in fp32
-            attn = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=1.0).to(v.dtype)
+            attn = _attention(q.float(), k.float(), v.float()).to(v.dtype)
         else:
-            attn = F.scaled_dot_product_attention(q, k, v, scale=1.0)
+            attn = _attention(q, k, v)
         y = self.proj_drop(self.mlp_res(attn))
         return q, x + self.gamma * y
 
@@ -121,15 +131,10 @@ class SemanticLayer(nn.Module):
         x = self.norm1(x)
         if self.global_attn:
             return self._attend(x)
-        b, _, c = x.shape
-        h, w = hw
-        ws = self.window_size
-        xp = pad_to_multiple(x.view(b, h, w, c), ws)
-        hp, wp = xp.shape[1], xp.shape[2]
-        prior, xw = self._attend(window_partition(xp, ws))
-        xw = window_reverse(xw, ws, hp, wp)[:, :h, :w].reshape(b, h * w, c)
-        prior = window_reverse(prior, ws, hp, wp)[:, :h, :w].reshape(b, h * w, self.num_classes)
-        return prior, xw
+        b = x.shape[0]
+        fwd, inv = window_index(hw[0], hw[1], self.window_size, 0, x.device)
+        prior, xw = self._attend(tokens_to_windows(x, fwd, self.window_size))
+        return windows_to_tokens(prior, inv, b), windows_to_tokens(xw, inv, b)
 
     def extra_repr(self) -> str:
         return "global" if self.global_attn else f"windowed, window_size={self.window_size}"

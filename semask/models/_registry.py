@@ -154,10 +154,25 @@ def get_entrypoint(name: str) -> Callable[..., nn.Module]:
     return _entrypoints[resolve_model_name(name)[0]]
 
 
+def _saved_config(pretrained: Any) -> Dict[str, Any]:
+    """config.json of a local model folder given as ``pretrained`` ({} otherwise)."""
+    import json
+    import os
+
+    if isinstance(pretrained, (str, os.PathLike)) and os.path.isfile(os.path.join(pretrained, "config.json")):
+        with open(os.path.join(pretrained, "config.json")) as f:
+            return json.load(f)
+    return {}
+
+
 def create_model(
     name: str,
     pretrained: Union[bool, str] = False,
     num_classes: Optional[int] = None,
+    *,
+    pretrained_backbone: Union[bool, str] = False,
+    cache_dir: Optional[str] = None,
+    revision: Optional[str] = None,
     **kwargs: Any,
 ) -> nn.Module:
     """Build a registered model.
@@ -168,15 +183,29 @@ def create_model(
             ``hf-hub:`` id to load from.
         num_classes: classes K; defaults to the tag's (150 when untagged). A K different from the
             loaded weights re-initialises only the class-dependent tensors.
+        pretrained_backbone: True loads timm's ImageNet Swin weights of the backbone's size into the
+            Swin trunk (semantic layers, norms and heads keep their init); or an ``hf-hub:`` id / a
+            ``.safetensors`` path of a timm Swin checkpoint.
+        cache_dir: Hugging Face Hub cache (default ``$HF_HUB_CACHE``).
+        revision: Hub branch / tag / commit of the weights (default: the tag's ``hf_hub_revision``).
         **kwargs: architecture overrides (strict: unknown names raise TypeError).
     """
     if name.startswith("hf-hub:"):
         from ..hub import create_from_hub
 
-        return create_from_hub(name, num_classes=num_classes, **kwargs)
+        return create_from_hub(name, num_classes=num_classes, revision=revision, cache_dir=cache_dir, **kwargs)
+    if pretrained and pretrained_backbone:
+        raise ValueError("pass either pretrained (whole-model weights) or pretrained_backbone (ImageNet init), not both")
     arch, _ = resolve_model_name(name)
     cfg = get_pretrained_cfg(name)
     build_kwargs = dict(cfg.arch_kwargs) if cfg is not None else {}
+    saved = _saved_config(pretrained)
+    if saved.get("architecture") == arch:  # a model folder: rebuild the architecture it was saved with
+        build_kwargs.update(saved.get("model_kwargs") or {})
+        if saved.get("pretrained_cfg"):
+            cfg = PretrainedCfg.from_dict(saved["pretrained_cfg"])
+        if num_classes is None:
+            num_classes = saved.get("num_classes")
     build_kwargs.update(kwargs)
     if num_classes is None:
         num_classes = cfg.num_classes if cfg is not None else 150
@@ -186,8 +215,12 @@ def create_model(
                                pretrained_cfg=cfg.to_dict() if cfg is not None else None)
     if cfg is not None:
         model.pretrained_cfg = cfg.to_dict()
+    if pretrained_backbone:
+        from ..hub import load_imagenet_backbone
+
+        load_imagenet_backbone(model, pretrained_backbone, cache_dir=cache_dir)
     if pretrained:
         from ..hub import load_pretrained
 
-        load_pretrained(model, pretrained, cfg=cfg, name=name)
+        load_pretrained(model, pretrained, cfg=cfg, name=name, revision=revision, cache_dir=cache_dir)
     return model

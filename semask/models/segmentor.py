@@ -9,13 +9,14 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
 from ..decoders.fpn import SemanticDecoder
+from ..hub.mixin import HubMixin
 from ..layers import SemanticAttention
 from ..losses import ohem_weights, segmentation_ce
 
 __all__ = ["SeMaskSegmentor"]
 
 
-class SeMaskSegmentor(nn.Module):
+class SeMaskSegmentor(HubMixin, nn.Module):
     """Backbone ``(features, priors)`` + decode head + semantic branch, with the official losses.
 
     * ``model(images)`` -> logits (B, K, H, W) at the input size (bilinear, align_corners False):
@@ -25,6 +26,8 @@ class SeMaskSegmentor(nn.Module):
       ``logits``. Labels are (B, H, W) or (B, 1, H, W) ints with ``ignore_index`` pixels.
     * ``model.forward_all(images)`` -> dict with ``features``, ``priors``, ``head_seg``,
       ``head_sem`` (stride 4) and ``logits``.
+    * ``model.save_pretrained(dir)`` / ``model.push_to_hub(repo)`` / ``SeMaskSegmentor.from_pretrained(dir_or_repo)``
+      (:class:`semask.hub.HubMixin`).
 
     Args:
         backbone: returns ``(features, priors)``; must expose ``feature_info`` and ``num_classes``.

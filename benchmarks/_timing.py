@@ -1,0 +1,66 @@
+"""Timing helpers shared by the benchmark scripts (not part of the installed package)."""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from typing import Callable, Dict, List
+
+import torch
+
+
+def setup_threads(threads: int) -> int:
+    """Pin torch's intra-op threads (default: all cores) and return the count used."""
+    threads = threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    return threads
+
+
+def time_once(fn: Callable[[], object]) -> float:
+    """Seconds of one call (CUDA-synchronised when a GPU is in use)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0
+
+
+def interleaved_medians(fns: Dict[str, Callable[[], object]], reps: int, warmup: int = 1) -> Dict[str, List[float]]:
+    """Run every callable ``warmup`` times, then ``reps`` rounds calling each once per round
+    (interleaved, so a load spike from other processes hits all candidates alike); returns the
+    per-candidate lists of seconds."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: Dict[str, List[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            times[k].append(time_once(fn))
+    return times
+
+
+def median_ms(ts: List[float]) -> float:
+    return 1e3 * statistics.median(ts)
+
+
+def gemm_gflops(sizes=(2048, 3072, 4096), reps: int = 3) -> float:
+    """Best fp32 ``torch.mm`` throughput (GFLOP/s) over square sizes: the machine's practical peak."""
+    best = 0.0
+    for n in sizes:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        torch.mm(a, b)
+        t = min(time_once(lambda: torch.mm(a, b)) for _ in range(reps))
+        best = max(best, 2 * n ** 3 / t / 1e9)
+    return best
+
+
+def load_note() -> str:
+    """1-minute load average vs cores: other processes on a shared machine inflate latencies."""
+    try:
+        la = os.getloadavg()[0]
+    except OSError:
+        return "load average unavailable"
+    return f"load average {la:.2f} on {os.cpu_count()} cores" + (
+        " (machine busy: latencies are inflated, ratios are more reliable)" if la > 0.5 * (os.cpu_count() or 1) + 0.5 else ""
+    )

@@ -1,0 +1,52 @@
+"""SeMask Swin-T FPN at 512x512 (fp32, eval, batch 1): latency, FLOPs and achieved GFLOP/s against a
+fp32 GEMM peak measured in the same run (issue #3 benchmark).
+
+    python benchmarks/segmentor.py [--size 512] [--reps 10] [--threads 0] [--model semask_swin_tiny_fpn]
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import semask
+from _timing import gemm_gflops, interleaved_medians, load_note, median_ms, setup_threads
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="semask_swin_tiny_fpn")
+    ap.add_argument("--num-classes", type=int, default=150)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=0, help="intra-op threads (0: all cores)")
+    args = ap.parse_args()
+    threads = setup_threads(args.threads)
+    torch.manual_seed(0)
+    model = semask.create_model(args.model, num_classes=args.num_classes).eval()
+    x = torch.randn(1, 3, args.size, args.size)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    gflop = counter.get_total_flops() / 1e9
+
+    peaks, lat = [], []
+    with torch.no_grad():
+        model(x)
+        # interleave GEMM peak and model runs so both see the same machine load
+        for _ in range(max(1, args.reps // 5)):
+            peaks.append(gemm_gflops(sizes=(2048, 3072), reps=2))
+            lat += interleaved_medians({"model": lambda: model(x)}, reps=5, warmup=0)["model"]
+    peak = max(peaks)
+    ms = median_ms(lat)
+    achieved = gflop / (ms / 1e3)
+    print(f"{args.model} {args.size}x{args.size} fp32 eval batch 1, {threads} threads, torch {torch.__version__}")
+    print(f"  FLOPs (FlopCounterMode): {gflop:.2f} GFLOP")
+    print(f"  latency: median {ms:.1f} ms over {len(lat)} runs (min {1e3 * min(lat):.1f} ms)")
+    print(f"  fp32 GEMM peak (torch.mm 2048/3072, best): {peak:.1f} GFLOP/s")
+    print(f"  achieved: {achieved:.1f} GFLOP/s = {100 * achieved / peak:.1f}% of GEMM peak (target >= 75%)")
+    print(f"  {load_note()}")
+
+
+if __name__ == "__main__":
+    main()

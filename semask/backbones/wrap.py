@@ -1,0 +1,373 @@
+"""SeMask over any hierarchical timm backbone: a semantic layer after every stage, inside the network.
+
+:func:`wrap` takes a timm model (name or instance) whose trunk is ``stem -> stage_0 -> ... -> stage_n``
+and returns a :class:`SeMaskWrapped` backbone: after each stage the tokens go through a
+:class:`~semask.layers.SemanticLayer`, whose re-weighted output feeds the next stage (as in SeMask
+Swin), and ``forward`` returns ``(features, priors)`` like :class:`~semask.SeMaskSwinTransformer`.
+
+A family is supported through one :class:`StageAdapter` row (where the stem and the stage list are,
+and which memory layout each stage consumes/produces); :func:`register_adapter` adds new ones.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.utils.checkpoint
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model as timm_register_model
+
+from ..layers import SemanticLayer
+from ._base import check_image_input, normalize_out_indices
+
+__all__ = [
+    "SeMaskWrapped",
+    "SemanticFeaturesMixin",
+    "StageAdapter",
+    "list_wrappable_families",
+    "per_stage_flags",
+    "register_adapter",
+    "wrap",
+]
+
+Layout = str  # "NCHW" or "NHWC"
+
+
+def per_stage_flags(value: Union[bool, Sequence[bool]], n: int, name: str) -> Tuple[bool, ...]:
+    """A bool for every stage, or one per stage (validated)."""
+    flags = (bool(value),) * n if isinstance(value, bool) else tuple(bool(v) for v in value)
+    if len(flags) != n:
+        raise ValueError(f"{name} needs one entry per stage ({n} stages), got {len(flags)}")
+    return flags
+
+
+class SemanticFeaturesMixin:
+    """timm feature API and class reset shared by SeMask backbones with ``out_indices`` and ``forward(x)
+    -> (features, priors)``: ``forward_intermediates`` (used by ``features_only=True`` and smp's ``tu-``
+    encoders) and ``reset_classes``."""
+
+    out_indices: Tuple[int, ...]
+    num_classes: int
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)  # type: ignore[attr-defined]
+
+    def reset_classes(self, num_classes: int) -> None:
+        """Re-initialise only the class-dependent tensors (semantic q/k projections) for K classes."""
+        self.num_classes = num_classes
+        for m in self.modules():  # type: ignore[attr-defined]
+            if isinstance(m, SemanticLayer):
+                m.num_classes = num_classes
+                for blk in m.class_injection:
+                    blk.reset_num_classes(num_classes)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, Sequence[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """timm's feature API: NCHW features of the requested stages (priors are dropped)."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        n = self.num_stages
+        if indices is None:
+            wanted: Sequence[int] = self.out_indices
+        elif isinstance(indices, int):
+            wanted = list(range(n - indices, n))
+        else:
+            wanted = normalize_out_indices(indices, n)
+        missing = [i for i in wanted if i not in self.out_indices]
+        if missing:
+            raise ValueError(f"stages {missing} are not in out_indices {self.out_indices}")
+        feats, _ = self(x)  # type: ignore[operator]
+        picked = [feats[self.out_indices.index(i)] for i in wanted]
+        return picked if intermediates_only else (feats[-1], picked)
+
+
+@dataclass(frozen=True)
+class StageAdapter:
+    """Where a timm family keeps its trunk, and the memory layout around each stage.
+
+    Attributes:
+        stem: top-level modules applied in order before the first stage.
+        stages: one attribute holding the stage list (``"stages"``), or one attribute per stage.
+        stem_fmt: layout of the stem's output.
+        in_fmt: layout the stages consume (``first_in_fmt`` overrides it for stage 0).
+        out_fmt: layout the stages produce.
+    """
+
+    stem: Tuple[str, ...]
+    stages: Union[str, Tuple[str, ...]]
+    stem_fmt: Layout = "NCHW"
+    in_fmt: Layout = "NCHW"
+    out_fmt: Layout = "NCHW"
+    first_in_fmt: Optional[Layout] = None
+
+    def stage_names(self, model: nn.Module) -> List[str]:
+        if isinstance(self.stages, str):
+            return [f"{self.stages}.{i}" for i in range(len(getattr(model, self.stages)))]
+        return list(self.stages)
+
+
+_NCHW = StageAdapter(stem=("stem",), stages="stages")
+_ADAPTERS: Dict[str, StageAdapter] = {
+    # conv / hybrid families: NCHW everywhere
+    **{name: _NCHW for name in (
+        "ConvNeXt", "MaxxVit", "DaVit", "EfficientFormerV2", "NextViT", "FastVit", "MetaFormer", "EdgeNeXt",
+        "MetaNeXt", "EfficientVit", "RepVit", "HighPerfGpuNet")},
+    "FocalNet": StageAdapter(stem=("stem",), stages="layers"),
+    "ResNet": StageAdapter(stem=("conv1", "bn1", "act1", "maxpool"), stages=("layer1", "layer2", "layer3", "layer4")),
+    "RegNet": StageAdapter(stem=("stem",), stages=("s1", "s2", "s3", "s4")),
+    # channels-last transformers
+    "SwinTransformer": StageAdapter(stem=("patch_embed",), stages="layers", stem_fmt="NHWC", in_fmt="NHWC", out_fmt="NHWC"),
+    "SwinTransformerV2": StageAdapter(stem=("patch_embed",), stages="layers", stem_fmt="NHWC", in_fmt="NHWC", out_fmt="NHWC"),
+    "MambaOut": StageAdapter(stem=("stem",), stages="stages", stem_fmt="NHWC", in_fmt="NHWC", out_fmt="NHWC"),
+    # PVT v2: the patch embedding emits NHWC for stage 0; later stages embed NCHW maps themselves
+    "PyramidVisionTransformerV2": StageAdapter(stem=("patch_embed",), stages="stages", stem_fmt="NHWC",
+                                               first_in_fmt="NHWC"),
+}
+
+# families that have no stage pyramid to insert semantic layers into, with the reason
+_UNWRAPPABLE = {
+    "VisionTransformer": "a plain ViT keeps a single stride-16 token map (no stage pyramid)",
+    "Eva": "a plain ViT (EVA) keeps a single stride-16 token map (no stage pyramid)",
+    "Beit": "a plain ViT (BEiT) keeps a single stride-16 token map (no stage pyramid)",
+    "VisionTransformerDistilled": "a plain ViT (DeiT) keeps a single stride-16 token map (no stage pyramid)",
+    "Hiera": "Hiera unrolls its tokens across stages, so stage outputs are not spatial maps to re-weight",
+}
+
+
+def register_adapter(class_name: str, adapter: StageAdapter) -> None:
+    """Teach :func:`wrap` a new timm family (``type(model).__name__`` -> its :class:`StageAdapter`)."""
+    _ADAPTERS[class_name] = adapter
+
+
+def list_wrappable_families() -> List[str]:
+    """timm model classes :func:`wrap` supports."""
+    return sorted(_ADAPTERS)
+
+
+def _convert(x: torch.Tensor, src: Layout, dst: Layout) -> torch.Tensor:
+    # a permuted view: NHWC data seen as NCHW is channels_last memory, which convs take without a copy
+    if src == dst:
+        return x
+    return x.permute(0, 3, 1, 2) if dst == "NCHW" else x.permute(0, 2, 3, 1)
+
+
+def _default_sem_global(reductions: Sequence[int]) -> Tuple[bool, ...]:
+    # SeMask Swin-T's pattern W W G G: windowed at strides <= 8, global from stride 16 on
+    return tuple(r >= 16 for r in reductions)
+
+
+class SeMaskWrapped(SemanticFeaturesMixin, nn.Module):
+    """A timm hierarchical backbone with a SemanticLayer after each stage (built by :func:`wrap`).
+
+    ``forward(x)``: images ``(B, in_chans, H, W)`` -> ``(features, priors)``, one NCHW tensor per
+    index in ``out_indices``: features ``(B, C_i, H_i, W_i)`` (the re-weighted stream that also feeds
+    stage i+1, through a LayerNorm when ``out_norm``), priors ``(B, K, H_i, W_i)`` raw logits.
+
+    The timm model is kept as ``self.model`` (its state-dict keys are timm's, prefixed ``model.``); its
+    classifier / final norm are removed since they are not used.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: StageAdapter,
+        num_classes: int,
+        sem_window_size: int = 7,
+        sem_global: Optional[Union[bool, Sequence[bool]]] = None,
+        num_sem_blocks: int = 1,
+        sem_drop: float = 0.1,
+        sem_residual: bool = False,
+        out_norm: bool = True,
+        out_indices: Optional[Sequence[int]] = None,
+    ) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        stage_names = adapter.stage_names(model)
+        info = {f["module"]: f for f in getattr(model, "feature_info", [])}
+        missing = [s for s in stage_names if s not in info]
+        if missing:
+            raise ValueError(f"{type(model).__name__}.feature_info has no entry for stages {missing}; "
+                             "the adapter's stage names do not match this model")
+        n = len(stage_names)
+        chans = [info[s]["num_chs"] for s in stage_names]
+        reductions = [info[s]["reduction"] for s in stage_names]
+        sem_global = _default_sem_global(reductions) if sem_global is None else per_stage_flags(sem_global, n, "sem_global")
+        self.model = model
+        self.adapter = adapter
+        self.stage_names = stage_names
+        self.num_classes = num_classes
+        self.in_chans = _in_chans(model)
+        self.sem_global = sem_global
+        self.sem_window_size = sem_window_size
+        self.sem_residual = sem_residual
+        self.out_indices = normalize_out_indices(tuple(range(n)) if out_indices is None else out_indices, n)
+        self.grad_checkpointing = False
+        self.semantic_layers = nn.ModuleList(
+            [SemanticLayer(c, num_classes, sem_window_size, g, num_sem_blocks, sem_drop) for c, g in zip(chans, sem_global)]
+        )
+        self.out_norms = nn.ModuleList([nn.LayerNorm(chans[i]) if out_norm else nn.Identity() for i in range(n)])
+        self.feature_info = [dict(num_chs=chans[i], reduction=reductions[i], module=f"out_norms.{i}")
+                             for i in self.out_indices]
+        _drop_unused(model, adapter)
+
+    @property
+    def stages(self) -> List[nn.Module]:
+        return [self.model.get_submodule(s) for s in self.stage_names]
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Block-level checkpointing inside timm stages that support it; whole-stage otherwise."""
+        self.grad_checkpointing = enable
+        if hasattr(self.model, "set_grad_checkpointing"):
+            self.model.set_grad_checkpointing(enable)
+
+    def _run_stage(self, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if (self.grad_checkpointing and not hasattr(stage, "grad_checkpointing") and torch.is_grad_enabled()
+                and not torch.jit.is_scripting()):
+            return torch.utils.checkpoint.checkpoint(stage, x, use_reentrant=False)
+        return stage(x)
+
+    def forward(self, x: torch.Tensor) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """x: (B, in_chans, H, W) float -> (features [B, C_i, H_i, W_i], priors [B, K, H_i, W_i])."""
+        check_image_input(x, self.in_chans)
+        ad = self.adapter
+        for name in ad.stem:
+            x = getattr(self.model, name)(x)
+        fmt = ad.stem_fmt
+        feats: List[torch.Tensor] = []
+        priors: List[torch.Tensor] = []
+        last = max(self.out_indices)
+        for i, stage in enumerate(self.stages):
+            want = ad.first_in_fmt if i == 0 and ad.first_in_fmt else ad.in_fmt
+            y = _convert(self._run_stage(stage, _convert(x, fmt, want)), ad.out_fmt, "NHWC")
+            b, h, w, c = y.shape
+            tokens = y.reshape(b, h * w, c)
+            sem = self.semantic_layers[i]
+            prior, out = sem(tokens, (h, w))
+            if self.sem_residual:
+                # x + gamma * attn(LN(x)): the semantic layer starts as the identity on the stream
+                out = tokens + (out - sem.norm1(tokens))
+            x, fmt = out.view(b, h, w, c), "NHWC"
+            if i in self.out_indices:
+                feats.append(self.out_norms[i](x).permute(0, 3, 1, 2))
+                priors.append(prior.view(b, h, w, -1).permute(0, 3, 1, 2))
+            if i == last:
+                break
+        return feats, priors
+
+
+def _in_chans(model: nn.Module) -> int:
+    first = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv")
+    if first:
+        try:
+            return model.get_submodule(first).in_channels
+        except AttributeError:
+            pass
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            return m.in_channels
+    return 3
+
+
+def _drop_unused(model: nn.Module, adapter: StageAdapter) -> None:
+    # classifier / final norms would be parameters without gradients (DDP errors, optimizer noise)
+    used = set(adapter.stem) | {s.split(".")[0] for s in adapter.stage_names(model)}
+    for name, child in list(model.named_children()):
+        if name not in used and any(True for _ in child.parameters()):
+            setattr(model, name, nn.Identity())
+
+
+def wrap(
+    backbone: Union[str, nn.Module],
+    num_classes: int,
+    sem_global: Optional[Union[bool, Sequence[bool]]] = None,
+    sem_window_size: int = 7,
+    num_sem_blocks: int = 1,
+    sem_drop: float = 0.1,
+    sem_residual: bool = False,
+    out_norm: bool = True,
+    out_indices: Optional[Sequence[int]] = None,
+    pretrained: bool = False,
+    **timm_kwargs: Any,
+) -> SeMaskWrapped:
+    """Turn a hierarchical timm backbone into a SeMask backbone returning ``(features, priors)``.
+
+    Args:
+        backbone: a timm model name (created with ``timm.create_model(backbone, pretrained=pretrained,
+            **timm_kwargs)``) or a timm model instance (adopted: its classifier is removed).
+        num_classes: classes K of the semantic layers (and of the prior maps).
+        sem_global: per stage, True for global semantic attention, False for windowed; default:
+            windowed at strides <= 8, global from 16 (SeMask Swin-T's W W G G).
+        sem_window_size: window of the windowed semantic layers.
+        num_sem_blocks: SemanticAttention blocks per semantic layer.
+        sem_drop: dropout in the semantic attention residual.
+        sem_residual: False (default) keeps SeMask's formulation, where the stream after a stage is
+            *replaced* by ``LN(x) + gamma * attn`` (official quirk Q1). True uses ``x + gamma * attn(LN(x))``
+            instead: the identity at init, so a pretrained network's next stage sees the un-normalised
+            stream it was trained on (conv nets such as ConvNeXt or ResNet carry such streams between
+            stages); recommended when fine-tuning ImageNet weights of non-Swin families.
+        out_norm: a LayerNorm on each output feature (like SeMask Swin's ``norm{i}``).
+        out_indices: stages to output (default all).
+
+    Raises:
+        ValueError: for families without a stage pyramid (plain ViT, ...) or unknown families.
+    """
+    if isinstance(backbone, str):
+        import timm
+
+        try:
+            backbone = timm.create_model(backbone, pretrained=pretrained, **timm_kwargs)
+        except RuntimeError as e:
+            if "Unknown model" in str(e):
+                raise ValueError(f"{e}; wrap() takes a timm model name (timm.list_models()) or instance") from e
+            raise
+    elif timm_kwargs or pretrained:
+        raise TypeError("timm kwargs and pretrained apply to a timm model name, not to a model instance")
+    if not isinstance(backbone, nn.Module):
+        raise TypeError(f"backbone must be a timm model name or nn.Module, got {type(backbone).__name__}")
+    if isinstance(backbone, SeMaskWrapped) or hasattr(backbone, "semantic_layers") or type(backbone).__name__.startswith("SeMask"):
+        raise ValueError(f"{type(backbone).__name__} already has semantic layers; use it directly as a SeMask backbone")
+    family = type(backbone).__name__
+    if family in _UNWRAPPABLE:
+        raise ValueError(f"cannot wrap {family}: {_UNWRAPPABLE[family]}, so there is no stage after which a "
+                         "semantic layer could re-weight the tokens feeding the next one. Use a hierarchical "
+                         f"backbone, e.g. one of: {', '.join(list_wrappable_families())}")
+    if family not in _ADAPTERS:
+        raise ValueError(f"cannot wrap {family}: no stage adapter for this family. Supported: "
+                         f"{', '.join(list_wrappable_families())}; add one with "
+                         "semask.backbones.wrap.register_adapter(class_name, StageAdapter(...))")
+    return SeMaskWrapped(backbone, _ADAPTERS[family], num_classes, sem_window_size, sem_global, num_sem_blocks,
+                         sem_drop, sem_residual, out_norm, out_indices)
+
+
+# --------------------------------------------------------------------------------------------------
+# timm entry point, so that wrapped backbones work wherever timm names do:
+#   timm.create_model("semask_wrap", backbone="convnext_tiny", num_classes=150, features_only=True)
+#   smp.Unet("tu-semask_wrap", encoder_weights=None, backbone="convnext_tiny")
+
+def _wrap_from_kwargs(backbone: str = "convnext_tiny", num_classes: int = 150, backbone_pretrained: bool = False,
+                      **kwargs: Any) -> SeMaskWrapped:
+    # wrap() keeps its own options and hands the rest (in_chans, dims, ...) to timm.create_model
+    return wrap(backbone, num_classes, pretrained=backbone_pretrained, **kwargs)
+
+
+default_cfgs = generate_default_cfgs({"semask_wrap": dict(
+    url="", num_classes=150, input_size=(3, 512, 512), pool_size=None, crop_pct=1.0, interpolation="bilinear",
+    mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), first_conv="", classifier=None)})
+
+
+@timm_register_model
+def semask_wrap(pretrained: bool = False, **kwargs: Any) -> SeMaskWrapped:
+    """timm entry: ``backbone=`` a timm name wrapped by :func:`wrap`; ``pretrained`` loads its timm weights."""
+    return build_model_with_cfg(_wrap_from_kwargs, "semask_wrap", pretrained=False, backbone_pretrained=pretrained,
+                                feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"), **kwargs)
