@@ -64,3 +64,35 @@ def load_note() -> str:
     return f"load average {la:.2f} on {os.cpu_count()} cores" + (
         " (machine busy: latencies are inflated, ratios are more reliable)" if la > 0.5 * (os.cpu_count() or 1) + 0.5 else ""
     )
+
+
+def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    # (B, h, L, E) x (B, h, S, E) -> (B, h, L, S); (B, h, L, S) x (B, h, S, Ev)
+    b, h, q_len, e = query_shape
+    s, ev = key_shape[-2], value_shape[-1]
+    return 2 * b * h * q_len * s * e + 2 * b * h * q_len * s * ev
+
+
+def count_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """FLOPs of ``model(x)`` (FlopCounterMode; also counts the fused CPU attention kernel, which
+    torch's table misses, so fused and unfused attention count the same)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    mapping = {}
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is not None:
+        mapping[op] = _sdpa_cpu_flops
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        model(x)
+    return counter.get_total_flops()
+
+
+def bench_parser(doc: str, reps: int) -> "argparse.ArgumentParser":
+    """Argument parser with the options every benchmark shares: --size, --reps, --threads."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=int, default=512, help="square input size")
+    ap.add_argument("--reps", type=int, default=reps, help="timed repetitions per candidate")
+    ap.add_argument("--threads", type=int, default=0, help="intra-op threads (0: all cores)")
+    return ap

@@ -5,30 +5,22 @@ fp32 GEMM peak measured in the same run (issue #3 benchmark).
 """
 from __future__ import annotations
 
-import argparse
-
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import semask
-from _timing import gemm_gflops, interleaved_medians, load_note, median_ms, setup_threads
+from _timing import bench_parser, count_flops, gemm_gflops, interleaved_medians, load_note, median_ms, setup_threads
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = bench_parser(__doc__, reps=10)
     ap.add_argument("--model", default="semask_swin_tiny_fpn")
     ap.add_argument("--num-classes", type=int, default=150)
-    ap.add_argument("--size", type=int, default=512)
-    ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--threads", type=int, default=0, help="intra-op threads (0: all cores)")
     args = ap.parse_args()
     threads = setup_threads(args.threads)
     torch.manual_seed(0)
     model = semask.create_model(args.model, num_classes=args.num_classes).eval()
     x = torch.randn(1, 3, args.size, args.size)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(x)
-    gflop = counter.get_total_flops() / 1e9
+    gflop = count_flops(model, x) / 1e9
 
     peaks, lat = [], []
     with torch.no_grad():

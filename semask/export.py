@@ -10,7 +10,6 @@ size. Example::
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple, Union
 
@@ -20,7 +19,7 @@ import torch.nn as nn
 
 __all__ = ["MIN_DYNAMIC_SIZE", "export_program", "export_onnx", "verify_onnx"]
 
-PathLike = Union[str, "os.PathLike[str]"]
+PathLike = Union[str, Path]
 
 
 def _example(model: nn.Module, example: Optional[torch.Tensor], size: Tuple[int, int], batch: int) -> torch.Tensor:

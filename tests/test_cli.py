@@ -4,7 +4,6 @@ import re
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import semask

@@ -2,6 +2,7 @@
 d2 fixtures, checkpoint conversion, parameter counts, deformable ops, matcher, losses, training."""
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -130,6 +131,8 @@ def test_tied_groupnorm_registered_once_and_checked(parity_dir):
     for level in (1, 2, 3):
         assert getattr(pd, f"align_{level}")._offset_norm is getattr(pd, f"layer_{level}").norm
     assert not any(".offset.norm." in k for k in model.state_dict())
+    twin = copy.deepcopy(pd)  # copies keep the tie
+    assert twin.align_1._offset_norm is twin.layer_1.norm and twin.layer_1.norm is not pd.layer_1.norm
     sd = dict(_official_state_dict(parity_dir, "fapn"))
     _, report = convert_state_dict(sd, model, D2_CONVERSION_RULES)
     assert report.ok and "sem_seg_head.pixel_decoder.align_2.offset.norm.weight" in report.dropped

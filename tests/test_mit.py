@@ -111,7 +111,7 @@ def test_segformer_segmentor_equals_transformers(reference):
 
 
 def test_pretrained_machinery_loads_hub_checkpoint(reference, tmp_path):
-    """``backbone_pretrained=`` / timm's ``pretrained=True`` go through mit_checkpoint_filter_fn;
+    """``pretrained_backbone=`` / timm's ``pretrained=True`` go through mit_checkpoint_filter_fn;
     the semantic layers keep their init (gamma 0) and the MiT weights are SegFormer's."""
     import timm
     from safetensors.torch import save_file
@@ -121,7 +121,7 @@ def test_pretrained_machinery_loads_hub_checkpoint(reference, tmp_path):
     path = tmp_path / "model.safetensors"
     save_file(legacy, str(path))
     seg = semask.create_model("semask_mit_b0_segformer", num_classes=5, decoder_channels=16,
-                              backbone_pretrained=str(path), **TINY).eval()
+                              pretrained_backbone=str(path), **TINY).eval()
     bb = timm.create_model("semask_mit_b0", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
                            num_classes=5, **TINY).eval()
     for model in (seg.backbone, bb):

@@ -10,7 +10,7 @@ difference: ``relative_position_index`` is a non-persistent buffer here).
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -20,7 +20,7 @@ from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import build_model_with_cfg
 
 from ..layers import (
-    SemanticLayer, cached_shifted_window_mask, merge_index, padded_size, tokens_to_windows, window_index,
+    SemanticLayer, cached_shifted_window_mask, merge_index, tokens_to_windows, window_index,
     windows_to_tokens,
 )
 from timm.models import generate_default_cfgs, register_model as timm_register_model

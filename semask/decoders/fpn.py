@@ -85,9 +85,13 @@ class FPNHead(nn.Module):
         size = out.shape[-2:]
         for head, f in zip(self.scale_heads[1:], features[1:]):
             out = out + F.interpolate(head(f), size=size, mode="bilinear", align_corners=False)
-        w = _channels_last(self.conv_seg.weight)
-        # NHWC 1x1 conv (~1.7x faster than NCHW on CPU), logits returned in the default NCHW layout
-        return F.conv2d(self.dropout(out), w, self.conv_seg.bias).contiguous()
+        # NHWC 1x1 conv (~1.7x faster than NCHW on CPU) with the class dim zero-padded to a multiple
+        # of 16 (K = 150 runs ~1.5x slower than 160 in oneDNN); logits returned in NCHW layout
+        k = self.conv_seg.out_channels
+        pad = 0 if torch.compiler.is_exporting() else -k % 16  # export: no slice (it would guard on B == 1)
+        w = _channels_last(F.pad(self.conv_seg.weight, (0, 0, 0, 0, 0, 0, 0, pad)))
+        b = None if self.conv_seg.bias is None else F.pad(self.conv_seg.bias, (0, pad))
+        return F.conv2d(self.dropout(out), w, b)[:, :k].contiguous()
 
 
 def upsample_sum(maps: Sequence[torch.Tensor], align_corners: bool = False) -> torch.Tensor:

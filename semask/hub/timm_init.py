@@ -126,6 +126,11 @@ def load_imagenet_backbone(
     nothing is loaded. Logs (``semask.hub`` logger) what was loaded and what was not.
     Returns ``dict(loaded=..., not_loaded=..., ignored=..., adapted=...)`` (backbone-relative keys).
     """
+    from ..backbones.mit import SeMaskMiT, load_mit_pretrained
+
+    if any(isinstance(m, SeMaskMiT) for m in model.modules()):  # SegFormer's MiT weights (nvidia/mit-bX)
+        load_mit_pretrained(model, source, cache_dir=cache_dir)
+        return dict(loaded=[], not_loaded=[], ignored=[], adapted=[])
     prefix, backbone = find_swin_backbone(model)
     name, state = _read_source(source, backbone, cache_dir)
     mapped, ignored, notes = timm_swin_to_semask(state, backbone)

@@ -2,7 +2,7 @@
 re-weights the features with it (Jain et al., SeMask, spec section 1.4)."""
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -67,11 +67,24 @@ class SemanticAttention(nn.Module):
             nn.init.zeros_(lin.bias)
             setattr(self, name, lin)
 
+    def _qkv(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        lins = (self.mlp_cls_q, self.mlp_cls_k, self.mlp_v)
+        if torch.compiler.is_exporting() or not all(type(m) is nn.Linear and m.bias is not None for m in lins):
+            # export: contiguous outputs (slices of a fused output would make later reshapes guard on
+            # batch == 1); wrapped / replaced projections: call them
+            return lins[0](x), lins[1](x), lins[2](x)
+        # one GEMM for the three projections, its width padded with zero rows to a multiple of 16:
+        # oneDNN/MKL run 2-3x slower on widths like 2K + C = 396 (K = 150) than on 400
+        w = torch.cat([m.weight for m in lins])
+        b = torch.cat([m.bias for m in lins])
+        pad = -w.shape[0] % 16
+        k, c = self.mlp_cls_q.out_features, self.mlp_v.out_features
+        qkv = F.linear(x, F.pad(w, (0, 0, 0, pad)), F.pad(b, (0, pad)))
+        return qkv[..., :k], qkv[..., k:2 * k], qkv[..., 2 * k:2 * k + c]
+
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """x: (B, N, C) -> (prior logits (B, N, K), features (B, N, C))."""
-        q = self.mlp_cls_q(x)
-        k = self.mlp_cls_k(x)
-        v = self.mlp_v(x)
+        q, k, v = self._qkv(x)
         if q.dtype == torch.float16:
             # unscaled K-dim logits can exceed fp16's range: run the softmax in fp32
             attn = _attention(q.float(), k.float(), v.float()).to(v.dtype)

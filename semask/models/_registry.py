@@ -75,17 +75,26 @@ _entrypoints: Dict[str, Callable[..., nn.Module]] = {}
 _aliases: Dict[str, str] = {}
 _pretrained_cfgs: Dict[str, Dict[str, PretrainedCfg]] = {}  # arch -> tag -> cfg (first = default)
 _kinds: Dict[str, str] = {}
+_backbone_weights_at_build: set = set()
 
 
 def register_model(
-    fn: Optional[Callable] = None, *, aliases: Sequence[str] = (), kind: str = "segmentor"
+    fn: Optional[Callable] = None, *, aliases: Sequence[str] = (), kind: str = "segmentor",
+    backbone_weights_at_build: bool = False,
 ) -> Callable:
-    """Decorator: register ``fn`` under its ``__name__`` (and ``aliases``). ``kind``: segmentor | backbone."""
+    """Decorator: register ``fn`` under its ``__name__`` (and ``aliases``). ``kind``: segmentor | backbone.
+
+    ``backbone_weights_at_build``: the entry point takes ``pretrained_backbone=`` itself (e.g. timm
+    backbones that must load their weights before being wrapped); otherwise ``create_model`` loads
+    them after building (:func:`semask.hub.load_imagenet_backbone`).
+    """
 
     def wrap(f: Callable) -> Callable:
         name = f.__name__
         _entrypoints[name] = f
         _kinds[name] = kind
+        if backbone_weights_at_build:
+            _backbone_weights_at_build.add(name)
         for a in aliases:
             _aliases[a] = name
         return f
@@ -183,9 +192,9 @@ def create_model(
             ``hf-hub:`` id to load from.
         num_classes: classes K; defaults to the tag's (150 when untagged). A K different from the
             loaded weights re-initialises only the class-dependent tensors.
-        pretrained_backbone: True loads timm's ImageNet Swin weights of the backbone's size into the
-            Swin trunk (semantic layers, norms and heads keep their init); or an ``hf-hub:`` id / a
-            ``.safetensors`` path of a timm Swin checkpoint.
+        pretrained_backbone: True loads the ImageNet weights of the backbone's trunk (Swin: timm's
+            Swin of the same size; MiT: ``nvidia/mit-bX``; wrapped timm backbones: timm's default
+            weights); semantic layers, norms and heads keep their init. Or an ``hf-hub:`` id / a path.
         cache_dir: Hugging Face Hub cache (default ``$HF_HUB_CACHE``).
         revision: Hub branch / tag / commit of the weights (default: the tag's ``hf_hub_revision``).
         **kwargs: architecture overrides (strict: unknown names raise TypeError).
@@ -209,7 +218,10 @@ def create_model(
     build_kwargs.update(kwargs)
     if num_classes is None:
         num_classes = cfg.num_classes if cfg is not None else 150
-    model = _entrypoints[arch](num_classes=num_classes, **build_kwargs)
+    build_only = {}
+    if pretrained_backbone and arch in _backbone_weights_at_build:
+        build_only["pretrained_backbone"], pretrained_backbone = pretrained_backbone, False
+    model = _entrypoints[arch](num_classes=num_classes, **build_kwargs, **build_only)
     # what save_pretrained writes to config.json: enough to rebuild the same architecture
     model.semask_config = dict(architecture=arch, num_classes=num_classes, model_kwargs=build_kwargs,
                                pretrained_cfg=cfg.to_dict() if cfg is not None else None)

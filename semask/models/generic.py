@@ -40,7 +40,7 @@ def build_semask_backbone(
     if not isinstance(backbone, nn.Module):
         raise TypeError(f"backbone must be a model name or nn.Module, got {type(backbone).__name__}")
     if pretrained:
-        raise TypeError("backbone_pretrained applies to a backbone given by name, not to a module instance")
+        raise TypeError("pretrained_backbone applies to a backbone given by name, not to a module instance")
     if hasattr(backbone, "reset_classes") and hasattr(backbone, "feature_info") and hasattr(backbone, "num_classes"):
         if kwargs:
             raise TypeError(f"backbone options {sorted(kwargs)} cannot be applied to an already built SeMask backbone")
@@ -61,13 +61,13 @@ def create_segmentor(
     loss_reduction: str = "valid",
     ohem: Optional[Dict[str, Any]] = None,
     ignore_index: int = 255,
-    backbone_pretrained: Any = False,
+    pretrained_backbone: Any = False,
     **backbone_kwargs: Any,
 ) -> SeMaskSegmentor:
     """SeMask backbone + decode head (``"fpn"``: Semantic-FPN, ``"segformer"``: all-MLP) + the light
-    semantic decoder and the losses of the SeMask FPN models. ``backbone_pretrained`` and
+    semantic decoder and the losses of the SeMask FPN models. ``pretrained_backbone`` and
     ``backbone_kwargs`` go to :func:`build_semask_backbone`."""
-    bb = build_semask_backbone(backbone, num_classes, backbone_pretrained, **backbone_kwargs)
+    bb = build_semask_backbone(backbone, num_classes, pretrained_backbone, **backbone_kwargs)
     chans = [f["num_chs"] for f in bb.feature_info]
     strides = [f["reduction"] for f in bb.feature_info]
     if decoder == "fpn":
@@ -81,13 +81,13 @@ def create_segmentor(
     return SeMaskSegmentor(bb, head, num_classes, sem_loss_weight, loss_reduction, ohem, ignore_index)
 
 
-@register_model
+@register_model(backbone_weights_at_build=True)
 def semask_fpn(backbone: Union[str, nn.Module] = "convnext_tiny", fpn_channels: int = 256, **kwargs: Any) -> SeMaskSegmentor:
     """Semantic-FPN SeMask segmentor over any backbone (``backbone=`` timm/semask name or module)."""
     return create_segmentor(backbone, "fpn", decoder_channels=fpn_channels, **kwargs)
 
 
-@register_model
+@register_model(backbone_weights_at_build=True)
 def semask_segformer(backbone: Union[str, nn.Module] = "semask_mit_b0", **kwargs: Any) -> SeMaskSegmentor:
     """SegFormer-head SeMask segmentor over any backbone (``backbone=`` timm/semask name or module)."""
     return create_segmentor(backbone, "segformer", **kwargs)
@@ -101,9 +101,9 @@ def _register_mit(b: int, channels: int) -> None:
 
     entry.__name__ = f"{variant}_segformer"
     entry.__qualname__ = entry.__name__
-    entry.__doc__ = (f"SeMask MiT-B{b} + SegFormer head ({channels} channels). ``backbone_pretrained``: False, "
+    entry.__doc__ = (f"SeMask MiT-B{b} + SegFormer head ({channels} channels). ``pretrained_backbone``: False, "
                      f"True (nvidia/mit-b{b} from the Hub), or a SegFormer checkpoint file / state dict.")
-    register_model(entry)
+    register_model(entry, backbone_weights_at_build=True)
 
 
 for _b, _ch in [(0, 256), (1, 256), (2, 768), (3, 768), (4, 768), (5, 768)]:

@@ -11,7 +11,7 @@ Module names follow the official checkpoints (``backbone.*``, ``sem_seg_head.pix
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
