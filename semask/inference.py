@@ -215,21 +215,9 @@ def predict(
                             probs[i] = out[k].cpu()
     finally:
         model.train(was_training)
-        _drop_inference_caches()
     if single:
         return (labels[0], probs[0]) if return_probs else labels[0]
     return (labels, probs) if return_probs else labels
-
-
-def _drop_inference_caches() -> None:
-    # The Swin window-index cache (semask.layers.window) keeps tensors built on first use; built
-    # under inference_mode they cannot be saved for backward, so training after predict() would fail.
-    # Drop them (rebuilding costs microseconds) until the cache builds outside inference mode.
-    from .layers import window
-
-    cache = getattr(window, "_CACHE", None)
-    if isinstance(cache, dict):
-        cache.clear()
 
 
 def _predict_batch(model: nn.Module, x: torch.Tensor, mode: str, crop, stride, scales: Sequence[float], flip: bool,

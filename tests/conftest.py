@@ -14,7 +14,8 @@ SHARED = Path(os.environ.get("SEMASK_SHARED_DIR", REPO_ROOT.parent / "shared"))
 PARITY_DIR = Path(os.environ.get("SEMASK_PARITY_DIR", SHARED / "parity"))
 CAMVID_DIR = Path(os.environ.get("SEMASK_CAMVID_DIR", SHARED / "data" / "camvid"))
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Tests use tiny models: one intra-op thread is faster than two spinning ones (and deterministic).
+torch.set_num_threads(int(os.environ.get("SEMASK_TEST_THREADS", "1")))
 
 
 def _require(path: Path, what: str) -> Path:

@@ -184,3 +184,17 @@ def test_smp_tu_encoder():
     with torch.no_grad():
         out = model(torch.randn(1, 3, 64, 64))
     assert out.shape == (1, 3, 64, 64) and torch.isfinite(out).all()
+
+
+def test_train_after_inference_mode(tiny_swin_kwargs):
+    # cached window indices first built under inference_mode must not break a later backward pass
+    from semask.layers import window
+
+    window._CACHE.clear()
+    model = SeMaskSwinTransformer(**tiny_swin_kwargs)
+    x = torch.randn(1, 3, 44, 60)
+    with torch.inference_mode():
+        model.eval()(x)
+    feats, priors = model.train()(x)
+    sum(f.sum() for f in feats + priors).backward()
+    assert model.patch_embed.proj.weight.grad is not None

@@ -54,6 +54,12 @@ def test_doc_examples_run(path, tmp_path, monkeypatch):
             raise AssertionError(f"{path.name} block {i} failed: {e!r}\n---\n{code}") from e
 
 
+@pytest.mark.parametrize("path", DOC_FILES, ids=lambda p: p.name)
+def test_code_fences_are_closed(path):
+    fences = [l for l in path.read_text().splitlines() if l.lstrip().startswith("```")]
+    assert len(fences) % 2 == 0, f"{path.name} has an unclosed code block"
+
+
 def test_readme_opens_with_two_commands():
     text = (REPO_ROOT / "README.md").read_text()
     block = re.search(r"```(?:bash|sh|shell)?\n(.*?)```", text, re.S).group(1)

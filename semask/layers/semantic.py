@@ -86,8 +86,10 @@ class SemanticAttention(nn.Module):
         """x: (B, N, C) -> (prior logits (B, N, K), features (B, N, C))."""
         q, k, v = self._qkv(x)
         if q.dtype == torch.float16:
-            # unscaled K-dim logits can exceed fp16's range: run the softmax in fp32
-            attn = _attention(q.float(), k.float(), v.float()).to(v.dtype)
+            # unscaled K-dim logits can exceed fp16's range: run the attention in fp32, with autocast
+            # off (under fp16 autocast, bmm/SDPA would cast the fp32 inputs straight back to fp16)
+            with torch.autocast(q.device.type, enabled=False):
+                attn = _attention(q.float(), k.float(), v.float()).to(v.dtype)
         else:
             attn = _attention(q, k, v)
         y = self.proj_drop(self.mlp_res(attn))

@@ -112,7 +112,10 @@ def _cached(key: tuple, sizes: Tuple[Size, ...], build: Callable[[], T]) -> T:
     if key not in _CACHE:
         if len(_CACHE) > 64:
             _CACHE.clear()
-        _CACHE[key] = build()
+        # built outside inference mode: an entry first made under torch.inference_mode() must stay
+        # usable by a later training step (inference tensors cannot be saved for backward)
+        with torch.inference_mode(False), torch.no_grad():
+            _CACHE[key] = build()
     return _CACHE[key]  # type: ignore[return-value]
 
 
