@@ -162,7 +162,8 @@ def predict(
         return_probs: also return class probabilities (K, H, W) (softmax, averaged over views).
         autocast: None, ``"bf16"`` (CPU/GPU) or ``"fp16"`` (GPU).
         batch_size: images (or crops) per forward pass; same-size images are batched together.
-        mean / std: override the tag's normalisation (0..255 units).
+        mean: override the tag's normalisation mean (0..255 units).
+        std: override the tag's normalisation std (0..255 units).
 
     Returns:
         A LongTensor (H, W) for a single image, else a list; with ``return_probs`` a tuple

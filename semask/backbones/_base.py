@@ -1,11 +1,13 @@
 """Input and ``out_indices`` validation shared by every SeMask backbone."""
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
-__all__ = ["check_image_input", "normalize_out_indices"]
+from ..layers import SemanticLayer
+
+__all__ = ["SemanticFeaturesMixin", "check_image_input", "normalize_out_indices", "per_stage_flags"]
 
 
 def check_image_input(x: torch.Tensor, in_chans: int) -> None:
@@ -41,3 +43,59 @@ def normalize_out_indices(out_indices: Sequence[int], num_stages: int) -> Tuple[
     if len(set(out)) != len(out) or not out:
         raise ValueError(f"out_indices {tuple(out_indices)} must be non-empty and without duplicates")
     return tuple(sorted(out))
+
+
+def per_stage_flags(value: Union[bool, Sequence[bool]], n: int, name: str) -> Tuple[bool, ...]:
+    """A bool for every stage, or one per stage (validated)."""
+    flags = (bool(value),) * n if isinstance(value, bool) else tuple(bool(v) for v in value)
+    if len(flags) != n:
+        raise ValueError(f"{name} needs one entry per stage ({n} stages), got {len(flags)}")
+    return flags
+
+
+class SemanticFeaturesMixin:
+    """timm feature API and class reset shared by SeMask backbones with ``out_indices`` and ``forward(x)
+    -> (features, priors)``: ``forward_intermediates`` (used by ``features_only=True`` and smp's ``tu-``
+    encoders) and ``reset_classes``."""
+
+    out_indices: Tuple[int, ...]
+    num_classes: int
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)  # type: ignore[attr-defined]
+
+    def reset_classes(self, num_classes: int) -> None:
+        """Re-initialise only the class-dependent tensors (semantic q/k projections) for K classes."""
+        self.num_classes = num_classes
+        for m in self.modules():  # type: ignore[attr-defined]
+            if isinstance(m, SemanticLayer):
+                m.num_classes = num_classes
+                for blk in m.class_injection:
+                    blk.reset_num_classes(num_classes)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, Sequence[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """timm's feature API: NCHW features of the requested stages (priors are dropped)."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        n = self.num_stages
+        if indices is None:
+            wanted: Sequence[int] = self.out_indices
+        elif isinstance(indices, int):
+            wanted = list(range(n - indices, n))
+        else:
+            wanted = normalize_out_indices(indices, n)
+        missing = [i for i in wanted if i not in self.out_indices]
+        if missing:
+            raise ValueError(f"stages {missing} are not in out_indices {self.out_indices}")
+        feats, _ = self(x)  # type: ignore[operator]
+        picked = [feats[self.out_indices.index(i)] for i in wanted]
+        return picked if intermediates_only else (feats[-1], picked)

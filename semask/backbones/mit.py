@@ -25,7 +25,7 @@ from ..layers import SemanticLayer
 from ..models._registry import register_model
 from ._base import check_image_input, normalize_out_indices
 from .swin import SeMaskSwinTransformer
-from .wrap import SemanticFeaturesMixin, per_stage_flags
+from ._base import SemanticFeaturesMixin, per_stage_flags
 
 __all__ = [
     "SeMaskMiT",
@@ -169,13 +169,20 @@ class SeMaskMiT(SemanticFeaturesMixin, nn.Module):
     Args:
         num_classes: classes K of the semantic layers.
         in_chans: image channels.
-        embed_dims, depths, num_heads, sr_ratios, mlp_ratios: MiT architecture per stage.
-        patch_sizes, strides: overlapping patch embeddings (7/4 then 3/2 in every MiT).
+        embed_dims: channels per stage.
+        depths: blocks per stage.
+        num_heads: attention heads per stage.
+        sr_ratios: spatial-reduction ratio of the efficient self-attention per stage.
+        mlp_ratios: Mix-FFN expansion per stage.
+        patch_sizes: overlapping patch-embedding kernel per stage (7 then 3 in every MiT).
+        strides: patch-embedding stride per stage (4 then 2).
         sem_window_size: window of the windowed semantic layers (8 divides the 512-crop stage maps).
         sem_global: per stage, True for global semantic attention (default W W G G, like SeMask Swin-T).
         num_sem_blocks: SemanticAttention blocks per semantic layer.
         semantic_layers: False builds plain MiT (exactly SegFormer's encoder).
-        drop_rate, attn_drop_rate, drop_path_rate: regularisation (SegFormer: 0, 0, 0.1).
+        drop_rate: dropout (SegFormer: 0).
+        attn_drop_rate: attention dropout (SegFormer: 0).
+        drop_path_rate: stochastic-depth ramp end (SegFormer: 0.1).
         sem_drop: dropout inside the semantic attention.
         out_indices: stages to output.
     """

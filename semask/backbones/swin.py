@@ -26,7 +26,7 @@ from ..layers import (
 from timm.models import generate_default_cfgs, register_model as timm_register_model
 
 from ..models._registry import register_model
-from ._base import check_image_input, normalize_out_indices
+from ._base import SemanticFeaturesMixin, check_image_input, normalize_out_indices, per_stage_flags
 
 __all__ = ["SeMaskSwinTransformer", "SwinBlock", "SwinStage", "PatchMerging", "PatchEmbed"]
 
@@ -214,7 +214,7 @@ class SwinStage(nn.Module):
         return x, prior, self.downsample(x, hw), ((hw[0] + 1) // 2, (hw[1] + 1) // 2)
 
 
-class SeMaskSwinTransformer(nn.Module):
+class SeMaskSwinTransformer(SemanticFeaturesMixin, nn.Module):
     """SeMask Swin Transformer: Swin stages, each followed by a semantic layer.
 
     ``forward(x)`` takes images ``(B, in_chans, H, W)`` (any size, down to 1x1) and returns
@@ -280,10 +280,10 @@ class SeMaskSwinTransformer(nn.Module):
             )
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        sem_global = (sem_global,) * n if isinstance(sem_global, bool) else tuple(bool(g) for g in sem_global)
+        sem_global = per_stage_flags(sem_global, n, "sem_global")
         num_sem_blocks = (num_sem_blocks,) * n if isinstance(num_sem_blocks, int) else tuple(num_sem_blocks)
-        if len(sem_global) != n or len(num_sem_blocks) != n:
-            raise ValueError(f"sem_global and num_sem_blocks need one entry per stage ({n} stages)")
+        if len(num_sem_blocks) != n:
+            raise ValueError(f"num_sem_blocks needs one entry per stage ({n} stages)")
         if not semantic_layers:
             num_sem_blocks = (0,) * n
         self.num_classes = num_classes
@@ -360,14 +360,9 @@ class SeMaskSwinTransformer(nn.Module):
         for stage in self.layers:
             stage.grad_checkpointing = enable
 
-    def reset_classes(self, num_classes: int) -> None:
-        """Re-initialise only the class-dependent tensors (semantic q/k projections) for K classes."""
-        self.num_classes = num_classes
-        for m in self.modules():
-            if isinstance(m, SemanticLayer):
-                m.num_classes = num_classes
-                for blk in m.class_injection:
-                    blk.reset_num_classes(num_classes)
+    @property
+    def num_stages(self) -> int:
+        return len(self.layers)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
@@ -402,32 +397,6 @@ class SeMaskSwinTransformer(nn.Module):
                 break
             hw = next_hw
         return feats, priors
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: Optional[Union[int, Sequence[int]]] = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """timm's feature API (used by ``features_only=True``): NCHW features of the requested stages."""
-        if output_fmt != "NCHW":
-            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
-        n = len(self.layers)
-        if indices is None:
-            wanted = list(self.out_indices)
-        elif isinstance(indices, int):
-            wanted = list(range(n - indices, n))
-        else:
-            wanted = normalize_out_indices(indices, n)
-        missing = [i for i in wanted if i not in self.out_indices]
-        if missing:
-            raise ValueError(f"stages {missing} are not in out_indices {self.out_indices}")
-        feats, _ = self.forward(x)
-        picked = [feats[self.out_indices.index(i)] for i in wanted]
-        return picked if intermediates_only else (feats[-1], picked)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -19,75 +19,17 @@ import torch.utils.checkpoint
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model as timm_register_model
 
 from ..layers import SemanticLayer
-from ._base import check_image_input, normalize_out_indices
+from ._base import SemanticFeaturesMixin, check_image_input, normalize_out_indices, per_stage_flags
 
 __all__ = [
     "SeMaskWrapped",
-    "SemanticFeaturesMixin",
     "StageAdapter",
     "list_wrappable_families",
-    "per_stage_flags",
     "register_adapter",
     "wrap",
 ]
 
 Layout = str  # "NCHW" or "NHWC"
-
-
-def per_stage_flags(value: Union[bool, Sequence[bool]], n: int, name: str) -> Tuple[bool, ...]:
-    """A bool for every stage, or one per stage (validated)."""
-    flags = (bool(value),) * n if isinstance(value, bool) else tuple(bool(v) for v in value)
-    if len(flags) != n:
-        raise ValueError(f"{name} needs one entry per stage ({n} stages), got {len(flags)}")
-    return flags
-
-
-class SemanticFeaturesMixin:
-    """timm feature API and class reset shared by SeMask backbones with ``out_indices`` and ``forward(x)
-    -> (features, priors)``: ``forward_intermediates`` (used by ``features_only=True`` and smp's ``tu-``
-    encoders) and ``reset_classes``."""
-
-    out_indices: Tuple[int, ...]
-    num_classes: int
-
-    @property
-    def num_stages(self) -> int:
-        return len(self.stages)  # type: ignore[attr-defined]
-
-    def reset_classes(self, num_classes: int) -> None:
-        """Re-initialise only the class-dependent tensors (semantic q/k projections) for K classes."""
-        self.num_classes = num_classes
-        for m in self.modules():  # type: ignore[attr-defined]
-            if isinstance(m, SemanticLayer):
-                m.num_classes = num_classes
-                for blk in m.class_injection:
-                    blk.reset_num_classes(num_classes)
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: Optional[Union[int, Sequence[int]]] = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """timm's feature API: NCHW features of the requested stages (priors are dropped)."""
-        if output_fmt != "NCHW":
-            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
-        n = self.num_stages
-        if indices is None:
-            wanted: Sequence[int] = self.out_indices
-        elif isinstance(indices, int):
-            wanted = list(range(n - indices, n))
-        else:
-            wanted = normalize_out_indices(indices, n)
-        missing = [i for i in wanted if i not in self.out_indices]
-        if missing:
-            raise ValueError(f"stages {missing} are not in out_indices {self.out_indices}")
-        feats, _ = self(x)  # type: ignore[operator]
-        picked = [feats[self.out_indices.index(i)] for i in wanted]
-        return picked if intermediates_only else (feats[-1], picked)
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,12 @@
 """SeMask-FPN segmentation models: SeMask Swin backbone + Semantic-FPN head + light semantic decoder."""
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Tuple
 
-from ..backbones.swin import SeMaskSwinTransformer, swin_arch_kwargs
+from ..backbones.swin import swin_arch_kwargs
 from ..data.classes import get_dataset_meta
-from ..decoders.fpn import FPNHead
 from ._registry import PretrainedCfg, register_model, register_pretrained_cfgs
+from .generic import create_segmentor
 from .segmentor import SeMaskSegmentor
 
 __all__ = ["create_swin_fpn"]
@@ -14,23 +14,12 @@ __all__ = ["create_swin_fpn"]
 _W, _G = False, True
 
 
-def create_swin_fpn(
-    backbone_variant: str,
-    num_classes: int = 150,
-    fpn_channels: int = 256,
-    decoder_dropout: float = 0.1,
-    sem_loss_weight: float = 0.4,
-    loss_reduction: str = "valid",
-    ohem: Optional[Dict[str, Any]] = None,
-    ignore_index: int = 255,
-    **backbone_kwargs: Any,
-) -> SeMaskSegmentor:
-    """Build a SeMask Swin FPN segmentor; ``backbone_kwargs`` override the size preset."""
-    backbone = SeMaskSwinTransformer(num_classes=num_classes, **{**swin_arch_kwargs(backbone_variant), **backbone_kwargs})
-    info = backbone.feature_info
-    head = FPNHead([f["num_chs"] for f in info], num_classes, fpn_channels,
-                   [f["reduction"] for f in info], decoder_dropout)
-    return SeMaskSegmentor(backbone, head, num_classes, sem_loss_weight, loss_reduction, ohem, ignore_index)
+def create_swin_fpn(backbone_variant: str, num_classes: int = 150, fpn_channels: int = 256, **kwargs: Any
+                    ) -> SeMaskSegmentor:
+    """A SeMask Swin FPN segmentor: ``semask_swin_{tiny,...}`` backbone (``kwargs`` override its size
+    preset) + Semantic-FPN head; segmentor options (``decoder_dropout``, ``sem_loss_weight``,
+    ``loss_reduction``, ``ohem``, ``ignore_index``) as in :func:`semask.models.generic.create_segmentor`."""
+    return create_segmentor(backbone_variant, "fpn", num_classes, decoder_channels=fpn_channels, **kwargs)
 
 
 @register_model(aliases=["semask_swin_t_fpn"])
