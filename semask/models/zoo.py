@@ -42,18 +42,22 @@ def count_flops(model: torch.nn.Module, size: tuple, device: str = "meta") -> Op
 
 
 def model_zoo(pattern: str = "", flops: bool = True) -> List[ZooRow]:
-    """One row per registered ``name.tag``: params (M) and GFLOPs at the tag's crop size, paper mIoU."""
+    """One row per registered ``name.tag`` and per registered model without tags: params (M) and
+    GFLOPs at the tag's crop size (512x512 when untagged), the paper's mIoU for released weights."""
     rows = []
-    for full in list_models(pattern, pretrained=True):
-        cfg = get_pretrained_cfg(full)
+    tagged = {n.split(".")[0] for n in list_models(pretrained=True)}
+    names = list_models(pattern, pretrained=True) + [n for n in list_models(pattern) if n not in tagged]
+    for full in names:
+        cfg = get_pretrained_cfg(full) if "." in full else None
         with torch.device("meta"):
             model = create_model(full).eval()
-        params = sum(p.numel() for p in model.parameters()) / 1e6
+        crop = tuple(cfg.crop_size) if cfg is not None else (512, 512)
         rows.append(ZooRow(
-            name=full, dataset=cfg.dataset, num_classes=cfg.num_classes, params_m=params,
-            gflops=count_flops(model, tuple(cfg.crop_size)) if flops else None,
-            crop="x".join(str(c) for c in cfg.crop_size), miou=cfg.metrics.get("miou"),
-            miou_ms=cfg.metrics.get("miou_ms"), license=cfg.license, hf_hub_id=cfg.hf_hub_id,
+            name=full, dataset=cfg.dataset if cfg else "–", num_classes=model.num_classes,
+            params_m=sum(p.numel() for p in model.parameters()) / 1e6,
+            gflops=count_flops(model, crop) if flops else None, crop="x".join(str(c) for c in crop),
+            miou=cfg.metrics.get("miou") if cfg else None, miou_ms=cfg.metrics.get("miou_ms") if cfg else None,
+            license=cfg.license if cfg else "apache-2.0", hf_hub_id=cfg.hf_hub_id if cfg else None,
         ))
     return rows
 
