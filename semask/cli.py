@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import sys
 from typing import List, Optional
 
@@ -23,8 +22,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="semask", description="SeMask segmentation models")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in COMMANDS.items():
-        if importlib.util.find_spec(f"semask.commands.{name}") is None:
-            continue  # not built in this checkout
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_command=name)
         _module(name).add_arguments(p)
