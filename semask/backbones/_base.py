@@ -7,7 +7,7 @@ import torch
 
 from ..layers import SemanticLayer
 
-__all__ = ["SemanticFeaturesMixin", "check_image_input", "normalize_out_indices", "per_stage_flags"]
+__all__ = ["SemanticFeaturesMixin", "check_image_input", "normalize_out_indices", "per_stage_flags", "per_stage_ints"]
 
 
 def check_image_input(x: torch.Tensor, in_chans: int) -> None:
@@ -51,6 +51,14 @@ def per_stage_flags(value: Union[bool, Sequence[bool]], n: int, name: str) -> Tu
     if len(flags) != n:
         raise ValueError(f"{name} needs one entry per stage ({n} stages), got {len(flags)}")
     return flags
+
+
+def per_stage_ints(value: Union[int, Sequence[int]], n: int, name: str) -> Tuple[int, ...]:
+    """An int for every stage, or one per stage (validated)."""
+    values = (int(value),) * n if isinstance(value, int) else tuple(int(v) for v in value)
+    if len(values) != n:
+        raise ValueError(f"{name} needs one entry per stage ({n} stages), got {len(values)}")
+    return values
 
 
 class SemanticFeaturesMixin:

@@ -23,9 +23,8 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 
 from ..layers import SemanticLayer
 from ..models._registry import register_model
-from ._base import check_image_input, normalize_out_indices
 from .swin import SeMaskSwinTransformer
-from ._base import SemanticFeaturesMixin, per_stage_flags
+from ._base import SemanticFeaturesMixin, check_image_input, normalize_out_indices, per_stage_flags, per_stage_ints
 
 __all__ = [
     "SeMaskMiT",
@@ -217,9 +216,9 @@ class SeMaskMiT(SemanticFeaturesMixin, nn.Module):
             raise ValueError("embed_dims, depths, num_heads, sr_ratios, patch_sizes and strides need one entry per stage")
         mlp_ratios = (float(mlp_ratios),) * n if isinstance(mlp_ratios, (int, float)) else tuple(mlp_ratios)
         sem_global = per_stage_flags(sem_global, n, "sem_global")
-        num_sem_blocks = (num_sem_blocks,) * n if isinstance(num_sem_blocks, int) else tuple(num_sem_blocks)
-        if len(num_sem_blocks) != n or len(mlp_ratios) != n:
-            raise ValueError(f"num_sem_blocks and mlp_ratios need one entry per stage ({n} stages)")
+        num_sem_blocks = per_stage_ints(num_sem_blocks, n, "num_sem_blocks")
+        if len(mlp_ratios) != n:
+            raise ValueError(f"mlp_ratios needs one entry per stage ({n} stages)")
         if not semantic_layers:
             num_sem_blocks = (0,) * n
         self.num_classes = num_classes

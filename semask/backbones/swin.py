@@ -26,7 +26,7 @@ from ..layers import (
 from timm.models import generate_default_cfgs, register_model as timm_register_model
 
 from ..models._registry import register_model
-from ._base import SemanticFeaturesMixin, check_image_input, normalize_out_indices, per_stage_flags
+from ._base import SemanticFeaturesMixin, check_image_input, normalize_out_indices, per_stage_flags, per_stage_ints
 
 __all__ = ["SeMaskSwinTransformer", "SwinBlock", "SwinStage", "PatchMerging", "PatchEmbed"]
 
@@ -281,9 +281,7 @@ class SeMaskSwinTransformer(SemanticFeaturesMixin, nn.Module):
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         sem_global = per_stage_flags(sem_global, n, "sem_global")
-        num_sem_blocks = (num_sem_blocks,) * n if isinstance(num_sem_blocks, int) else tuple(num_sem_blocks)
-        if len(num_sem_blocks) != n:
-            raise ValueError(f"num_sem_blocks needs one entry per stage ({n} stages)")
+        num_sem_blocks = per_stage_ints(num_sem_blocks, n, "num_sem_blocks")
         if not semantic_layers:
             num_sem_blocks = (0,) * n
         self.num_classes = num_classes

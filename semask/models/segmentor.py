@@ -6,7 +6,6 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import trunc_normal_
 
 from ..decoders.fpn import SemanticDecoder
 from ..hub.mixin import HubMixin
