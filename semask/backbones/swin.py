@@ -20,8 +20,8 @@ from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import build_model_with_cfg
 
 from ..layers import (
-    SemanticLayer, cached_shifted_window_mask, merge_index, tokens_to_windows, window_index,
-    windows_to_tokens,
+    SemanticLayer, cached_shifted_window_mask, eager_cpu_inference, gather_rows, merge_index, token_chunks,
+    tokens_to_windows, window_index, windows_to_tokens,
 )
 from timm.models import generate_default_cfgs, register_model as timm_register_model
 
@@ -35,6 +35,11 @@ def _relative_position_index(window: int) -> torch.Tensor:
     coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
     rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)
     return rel[..., 0] * (2 * window - 1) + rel[..., 1]  # (N, N)
+
+
+def _nchw(tokens: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
+    """(B, H*W, C) tokens -> (B, C, H, W) view (channels-last strides)."""
+    return tokens.reshape(tokens.shape[0], hw[0], hw[1], tokens.shape[2]).permute(0, 3, 1, 2)
 
 
 class WindowAttention(nn.Module):
@@ -64,32 +69,47 @@ class WindowAttention(nn.Module):
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
         return bias.view(n, n, -1).permute(2, 0, 1)
 
-    def forward(self, x: torch.Tensor, batch: int, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """x: (B*nW, N, C) windows; mask: (nW, 1, N, N) additive shift mask or None."""
+    def window_bias(self, mask: Optional[torch.Tensor], batch: int, windows: int) -> torch.Tensor:
+        """Additive attention bias: relative-position bias (+ shift mask) as a 4-D mask.
+
+        mask: (nW, 1, N, N) or None; returns (windows, h, N, N) for ``windows = B * nW`` (a view
+        where possible) or (1, h, N, N) without a mask.
+        """
+        bias = self.relative_position_bias().unsqueeze(0)  # (1, h, N, N)
+        if mask is None:
+            return bias
+        bias = bias + mask  # (nW, h, N, N); windows are batch-major
+        h, n = self.num_heads, bias.shape[-1]
+        if type(batch) is int and type(bias.shape[0]) is int:
+            return bias.unsqueeze(0).expand(batch, -1, -1, -1, -1).reshape(windows, h, n, n)  # a view if B == 1
+        # symbolic sizes (export): reshape's view-or-copy choice would guard on B == 1 / nW == 1
+        return bias.repeat(batch, 1, 1, 1)
+
+    def attend(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """x: (B*nW, N, C) windows, bias from :meth:`window_bias` -> (B*nW, N, C) attention output
+        *before* ``proj`` (the caller projects after un-windowing: padded tokens are never projected)."""
         bw, n, c = x.shape
         h = self.num_heads
         # (B*nW, h, N, hd) strided views of the qkv output: no copies before the attention kernel
         q, k, v = self.qkv(x).view(bw, n, 3, h, c // h).permute(2, 0, 3, 1, 4).unbind(0)
-        bias = self.relative_position_bias().unsqueeze(0)  # (1, h, N, N): broadcast over all windows
-        if mask is not None:
-            bias = bias + mask  # (nW, h, N, N) -> (B*nW, h, N, N): windows are batch-major
-            if type(batch) is int and type(bias.shape[0]) is int:
-                bias = bias.unsqueeze(0).expand(batch, -1, -1, -1, -1).reshape(bw, h, n, n)  # a view if B == 1
-            else:
-                # symbolic sizes (export): reshape's view-or-copy choice would guard on B == 1 / nW == 1
-                bias = bias.repeat(batch, 1, 1, 1)
-        if torch.compiler.is_exporting():
-            # plain matmul-softmax: exporters decompose SDPA into ops whose output layout differs from
-            # the fused kernel's, which breaks the views recorded at trace time (ONNX export)
-            attn = torch.matmul(q * self.scale, k.transpose(-2, -1)) + bias.to(q.dtype)
-            out = torch.matmul(attn.softmax(-1), v)
+        bias = bias.to(q.dtype)
+        if torch.compiler.is_exporting() or (not self.training and eager_cpu_inference(x)):
+            # plain matmul-softmax. Export: exporters decompose SDPA into ops whose output layout
+            # differs from the fused kernel's, which breaks the views recorded at trace time (ONNX).
+            # CPU inference on window chunks: batched GEMMs beat the fused CPU kernel 1.2-1.5x at
+            # 49-token windows (the per-head copies they need stay in cache)
+            out = torch.matmul((torch.matmul(q * self.scale, k.transpose(-2, -1)) + bias).softmax(-1), v)
         else:
             # a 4-D mask keeps SDPA on its fused CPU/GPU kernels (a 3-D one falls back to the math path)
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=bias.to(q.dtype), dropout_p=self.attn_drop if self.training else 0.0,
-                scale=self.scale,
+                q, k, v, attn_mask=bias.expand(bw, -1, -1, -1),
+                dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale,
             )
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(bw, n, c)))
+        return out.transpose(1, 2).reshape(bw, n, c)
+
+    def forward(self, x: torch.Tensor, batch: int, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """x: (B*nW, N, C) windows; mask: (nW, 1, N, N) additive shift mask or None -> (B*nW, N, C)."""
+        return self.proj_drop(self.proj(self.attend(x, self.window_bias(mask, batch, x.shape[0]))))
 
 
 class SwinBlock(nn.Module):
@@ -118,10 +138,38 @@ class SwinBlock(nn.Module):
         b = x.shape[0]
         ws, s = self.window_size, self.shift_size
         fwd, inv = index if index is not None else window_index(hw[0], hw[1], ws, s, x.device)
+        mask = mask if s else None
+        if not self.training and eager_cpu_inference(x):
+            return self._forward_chunked(x, mask, fwd, inv)
         # official order: LN1, zero-pad, roll, partition; here one gather does pad + roll + partition
-        y = self.attn(tokens_to_windows(self.norm1(x), fwd, ws), b, mask if s else None)
-        x = x + self.drop_path(windows_to_tokens(y, inv, b))
+        xw = tokens_to_windows(self.norm1(x), fwd, ws)
+        y = self.attn.attend(xw, self.attn.window_bias(mask, b, xw.shape[0]))
+        # un-window before the output projection: the padded tokens are dropped, never projected
+        x = x + self.drop_path(self.attn.proj_drop(self.attn.proj(windows_to_tokens(y, inv, b))))
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def _forward_chunked(
+        self, x: torch.Tensor, mask: Optional[torch.Tensor], fwd: torch.Tensor, inv: torch.Tensor
+    ) -> torch.Tensor:
+        """Inference on the CPU, same values as the whole-tensor path: the windows, then the tokens,
+        go through in cache-sized chunks (window q/k/v and the 4C-wide MLP hidden never reach DRAM)."""
+        b, length, c = x.shape
+        n = self.window_size ** 2
+        nw = fwd.shape[0] // n
+        attn = self.attn
+        xn = F.pad(self.norm1(x), (0, 0, 0, 1))  # + the zero token that padded positions read
+        bias = attn.window_bias(mask, 1, nw)
+        y = x.new_empty(b, nw * n, c)
+        for i in range(b):
+            for w0, w1 in token_chunks(nw, n):
+                xw = xn[i].index_select(0, fwd[w0 * n:w1 * n]).view(w1 - w0, n, c)
+                y[i, w0 * n:w1 * n] = attn.attend(xw, bias[w0:w1] if mask is not None else bias).view(-1, c)
+        out = torch.empty_like(x)
+        for i in range(b):
+            for t0, t1 in token_chunks(length):
+                xc = x[i, t0:t1] + attn.proj(y[i].index_select(0, inv[t0:t1]))
+                torch.add(xc, self.mlp(self.norm2(xc)), out=out[i, t0:t1])
+        return out
 
 
 class PatchMerging(nn.Module):
@@ -137,7 +185,7 @@ class PatchMerging(nn.Module):
         b, _, c = x.shape
         # one gather (zero token for odd sizes) -> per output token the 4 neighbours in the official
         # channel order (r0,c0), (r1,c0), (r0,c1), (r1,c1)
-        x = F.pad(x, (0, 0, 0, 1)).index_select(1, merge_index(hw[0], hw[1], x.device)).view(b, -1, 4 * c)
+        x = gather_rows(F.pad(x, (0, 0, 0, 1)), merge_index(hw[0], hw[1], x.device)).view(b, -1, 4 * c)
         return self.reduction(self.norm(x))
 
 
@@ -388,9 +436,11 @@ class SeMaskSwinTransformer(SemanticFeaturesMixin, nn.Module):
             out, prior, x, next_hw = stage(x, hw)
             if i in self.out_indices:
                 b = out.shape[0]
-                feats.append(getattr(self, f"norm{i}")(out).transpose(1, 2).reshape(b, -1, hw[0], hw[1]))
+                # NCHW views of the token maps (channels-last strides, as timm's NHWC models return
+                # them): no transposing copy, and the decoders' NHWC convs take them as they are
+                feats.append(_nchw(getattr(self, f"norm{i}")(out), hw))
                 if prior is not None:
-                    priors.append(prior.transpose(1, 2).reshape(b, -1, hw[0], hw[1]))
+                    priors.append(_nchw(prior, hw))
             if i == last:
                 break
             hw = next_hw

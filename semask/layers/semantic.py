@@ -9,7 +9,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
-from .window import tokens_to_windows, window_index, windows_to_tokens
+from ._derived import derived_tensor
+from .window import eager_cpu_inference, token_chunks, tokens_to_windows, window_index, windows_to_tokens
 
 __all__ = ["SemanticAttention", "SemanticLayer"]
 
@@ -67,19 +68,27 @@ class SemanticAttention(nn.Module):
             nn.init.zeros_(lin.bias)
             setattr(self, name, lin)
 
+    def _fused_qkv(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        # one GEMM for the three projections, its width padded with zero rows to a multiple of 16:
+        # oneDNN/MKL run 2-3x slower on widths like 2K + C = 396 (K = 150) than on 400
+        lins = (self.mlp_cls_q, self.mlp_cls_k, self.mlp_v)
+
+        def build() -> Tuple[torch.Tensor, torch.Tensor]:
+            w = torch.cat([m.weight for m in lins])
+            b = torch.cat([m.bias for m in lins])
+            pad = -w.shape[0] % 16
+            return F.pad(w, (0, 0, 0, pad)), F.pad(b, (0, pad))
+
+        return derived_tensor(self, "qkv", [p for m in lins for p in (m.weight, m.bias)], build)
+
     def _qkv(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         lins = (self.mlp_cls_q, self.mlp_cls_k, self.mlp_v)
         if torch.compiler.is_exporting() or not all(type(m) is nn.Linear and m.bias is not None for m in lins):
             # export: contiguous outputs (slices of a fused output would make later reshapes guard on
             # batch == 1); wrapped / replaced projections: call them
             return lins[0](x), lins[1](x), lins[2](x)
-        # one GEMM for the three projections, its width padded with zero rows to a multiple of 16:
-        # oneDNN/MKL run 2-3x slower on widths like 2K + C = 396 (K = 150) than on 400
-        w = torch.cat([m.weight for m in lins])
-        b = torch.cat([m.bias for m in lins])
-        pad = -w.shape[0] % 16
         k, c = self.mlp_cls_q.out_features, self.mlp_v.out_features
-        qkv = F.linear(x, F.pad(w, (0, 0, 0, pad)), F.pad(b, (0, pad)))
+        qkv = F.linear(x, *self._fused_qkv())
         return qkv[..., :k], qkv[..., k:2 * k], qkv[..., 2 * k:2 * k + c]
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -148,8 +157,27 @@ class SemanticLayer(nn.Module):
             return self._attend(x)
         b = x.shape[0]
         fwd, inv = window_index(hw[0], hw[1], self.window_size, 0, x.device)
-        prior, xw = self._attend(tokens_to_windows(x, fwd, self.window_size))
+        if not self.training and eager_cpu_inference(x):
+            prior, xw = self._attend_chunked(x, fwd)
+        else:
+            prior, xw = self._attend(tokens_to_windows(x, fwd, self.window_size))
         return windows_to_tokens(prior, inv, b), windows_to_tokens(xw, inv, b)
+
+    def _attend_chunked(self, x: torch.Tensor, fwd: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        # CPU inference: the windows go through in cache-sized chunks (their (n, 2K + C) q/k/v never
+        # reach DRAM); same values as the whole-tensor path
+        b, _, c = x.shape
+        n = self.window_size ** 2
+        nw = fwd.shape[0] // n
+        x = F.pad(x, (0, 0, 0, 1))  # + the zero token that padded positions read
+        prior = x.new_empty(b, nw * n, self.num_classes)
+        out = x.new_empty(b, nw * n, c)
+        for i in range(b):
+            for w0, w1 in token_chunks(nw, n):
+                p, y = self._attend(x[i].index_select(0, fwd[w0 * n:w1 * n]).view(w1 - w0, n, c))
+                prior[i, w0 * n:w1 * n] = p.reshape(-1, p.shape[-1])
+                out[i, w0 * n:w1 * n] = y.reshape(-1, c)
+        return prior, out
 
     def extra_repr(self) -> str:
         return "global" if self.global_attn else f"windowed, window_size={self.window_size}"

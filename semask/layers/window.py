@@ -13,7 +13,7 @@ Two families:
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Tuple, TypeVar, Union
+from typing import Callable, Dict, List, Tuple, TypeVar, Union
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,15 @@ __all__ = [
     "cached_shifted_window_mask",
     "tokens_to_windows",
     "windows_to_tokens",
+    "eager_cpu_inference",
+    "gather_rows",
+    "token_chunks",
 ]
+
+# Tokens per chunk of the chunked CPU inference paths: a (chunk, 4C) MLP hidden or a chunk of window
+# q/k/v stays in L2/L3 cache instead of streaming through DRAM (1.1-1.4x faster per Swin-T stage-0
+# block on AVX-512 CPUs; tuned on a 2-core VM: 1024 and 4096 are within 2%).
+TOKEN_CHUNK = 2048
 
 Size = Union[int, torch.SymInt]
 T = TypeVar("T")
@@ -58,6 +66,25 @@ def window_reverse(windows: torch.Tensor, window: int, hp: int, wp: int) -> torc
     c = windows.shape[-1]
     x = windows.view(-1, hp // window, wp // window, window, window, c)
     return x.transpose(2, 3).reshape(-1, hp, wp, c)
+
+
+def eager_cpu_inference(x: torch.Tensor) -> bool:
+    """True when ``x`` runs eagerly on the CPU without autograd: the chunked fast paths apply.
+
+    Everything else (training, GPUs, torch.compile / export / jit tracing) takes the whole-tensor path,
+    which computes the same values.
+    """
+    return (
+        x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.jit.is_tracing()
+        and not torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+    )
+
+
+def token_chunks(n: int, item_tokens: int = 1) -> List[Tuple[int, int]]:
+    """``(start, stop)`` ranges splitting ``n`` items of ``item_tokens`` tokens each (1 for tokens,
+    ``window**2`` for windows) into chunks of at most :data:`TOKEN_CHUNK` tokens (at least one item)."""
+    chunk = max(1, TOKEN_CHUNK // item_tokens)
+    return [(i, min(i + chunk, n)) for i in range(0, n, chunk)]
 
 
 def _mod(a: torch.Tensor, b: Size) -> torch.Tensor:
@@ -173,13 +200,25 @@ def cached_shifted_window_mask(
     )
 
 
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[:, index]`` for ``(B, L, C)`` tokens and a ``(M,)`` index -> ``(B, M, C)``."""
+    if (x.requires_grad and torch.is_grad_enabled()) or not eager_cpu_inference(x) or not x.is_contiguous():
+        return x.index_select(1, index)
+    # eager inference: a row gather per image (dim 0 of a contiguous 2-D tensor is a row-memcpy
+    # kernel, about 2x faster on the CPU than the strided kernel of dim 1)
+    out = x.new_empty(x.shape[0], index.shape[0], x.shape[2])
+    for i in range(x.shape[0]):
+        torch.index_select(x[i], 0, index, out=out[i])
+    return out
+
+
 def tokens_to_windows(x: torch.Tensor, fwd: torch.Tensor, window: int) -> torch.Tensor:
     """``(B, H*W, C)`` tokens -> ``(B * nW, window**2, C)`` zero-padded (shifted) windows, one gather."""
     b, _, c = x.shape
     x = F.pad(x, (0, 0, 0, 1))  # the zero token that padded positions read
-    return x.index_select(1, fwd).view(-1, window * window, c)
+    return gather_rows(x, fwd).view(-1, window * window, c)
 
 
 def windows_to_tokens(windows: torch.Tensor, inv: torch.Tensor, batch: Size) -> torch.Tensor:
     """``(B * nW, N, C)`` windows -> ``(B, H*W, C)`` tokens (undoes shift and padding), one gather."""
-    return windows.reshape(batch, -1, windows.shape[-1]).index_select(1, inv)
+    return gather_rows(windows.reshape(batch, -1, windows.shape[-1]), inv)

@@ -112,6 +112,9 @@ class SeMaskMaskFormer(nn.Module):
         check_image_input(images, self.in_chans)
         padded = self.pad(images)
         feats, priors = self.backbone(padded)
+        # contiguous NCHW, the layout the official pixel decoders ran in (their deep mask heads amplify
+        # the last-bit differences of NHWC convs past 1e-4)
+        feats = [f.contiguous() for f in feats]
         preds, mask_features, multi_scale = self.sem_seg_head(feats)
         out: Dict[str, Any] = dict(features=feats, priors=priors, mask_features=mask_features,
                                    multi_scale=multi_scale, image_size=tuple(images.shape[-2:]),

@@ -1,0 +1,156 @@
+"""CPU inference fast paths (chunked Swin blocks and semantic layers, row gathers, folded BatchNorm,
+grouped FPN upsampling, cached fused weights) compute what the whole-tensor (training) path computes."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import semask
+import semask.layers.window as window
+from semask.backbones.swin import SeMaskSwinTransformer, SwinBlock
+from semask.decoders import FPNHead
+from semask.layers import SemanticAttention, SemanticLayer, gather_rows
+
+from conftest import fpn_backbone_kwargs, load_parity
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+def _spy(monkeypatch, cls, name):
+    calls = []
+    orig = getattr(cls, name)
+
+    def wrapped(self, *args, **kwargs):
+        calls.append(1)
+        return orig(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, name, wrapped)
+    return calls
+
+
+def _reference(model, x):
+    # autograd on: the whole-tensor path, the one training and export use
+    with torch.enable_grad():
+        return model(x)
+
+
+@pytest.mark.parametrize("chunk", [49, 150, 2048])
+def test_chunked_backbone_equals_reference_path(tiny_swin_kwargs, monkeypatch, chunk):
+    monkeypatch.setattr(window, "TOKEN_CHUNK", chunk)
+    torch.manual_seed(0)
+    model = SeMaskSwinTransformer(**{**tiny_swin_kwargs, "window_size": 7},
+                                  sem_global=(False, True, False, True)).eval()
+    for p in model.parameters():  # gamma is 0 at init: make the semantic branch matter
+        if p.numel() == 1:
+            p.data.fill_(0.7)
+    blocks = _spy(monkeypatch, SwinBlock, "_forward_chunked")
+    layers = _spy(monkeypatch, SemanticLayer, "_attend_chunked")
+    for shape in [(2, 3, 67, 93), (1, 3, 96, 96), (1, 3, 5, 9)]:
+        x = torch.randn(*shape)
+        ref_f, ref_p = _reference(model, x)
+        n = len(blocks)
+        with torch.no_grad():
+            got_f, got_p = model(x)
+        assert len(blocks) > n and layers  # the fast paths ran
+        for a, b in zip(ref_f + ref_p, got_f + got_p):
+            torch.testing.assert_close(b, a, **TOL)
+
+
+def test_fast_path_only_in_eager_cpu_inference(tiny_swin_kwargs, monkeypatch):
+    model = SeMaskSwinTransformer(**tiny_swin_kwargs).eval()
+    blocks = _spy(monkeypatch, SwinBlock, "_forward_chunked")
+    x = torch.randn(1, 3, 32, 32)
+    _reference(model, x)
+    with torch.no_grad():
+        model.train()(x)  # dropout / drop-path active: the reference path
+    assert not blocks
+    with torch.inference_mode():
+        model.eval()(x)
+    assert blocks
+
+
+def test_parity_with_official_over_many_chunks(parity_dir, monkeypatch):
+    monkeypatch.setattr(window, "TOKEN_CHUNK", 64)
+    sd, meta = load_parity("fpn/micro_windowed")
+    model = SeMaskSwinTransformer(**fpn_backbone_kwargs(meta)).eval()
+    model.load_state_dict({k[len("backbone."):]: v for k, v in sd.items()
+                           if k.startswith("backbone.") and not k.endswith("relative_position_index")})
+    with torch.no_grad():
+        feats, priors = model(sd["ref.input"])
+    for s in range(len(feats)):
+        torch.testing.assert_close(feats[s], sd[f"ref.feat{s}"], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(priors[s], sd[f"ref.sem{s}"], atol=1e-4, rtol=1e-4)
+
+
+def test_gather_rows_equals_index_select():
+    idx = torch.tensor([3, 0, 0, 5, 1])
+    for x in [torch.randn(1, 6, 4), torch.randn(3, 6, 4), torch.randn(3, 4, 6).transpose(1, 2)]:
+        with torch.no_grad():
+            assert torch.equal(gather_rows(x, idx), x.index_select(1, idx))
+    x = torch.randn(2, 6, 4, requires_grad=True)
+    gather_rows(x, idx).sum().backward()  # differentiable when autograd is on
+    assert x.grad[:, 0].eq(2).all()
+
+
+def _randomise_bn(module):
+    for m in module.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.normal_()
+            m.bias.data.normal_()
+
+
+@pytest.mark.parametrize("hw", [(64, 64), (37, 53)])  # 37x53: the levels reach different pre-resize sizes
+def test_fpn_head_inference_path(hw):
+    torch.manual_seed(0)
+    head = FPNHead([8, 16, 32, 64], num_classes=5, channels=16).eval()
+    _randomise_bn(head)
+    h, w = hw
+    feats = [torch.randn(2, c, -(-h // s), -(-w // s)) for c, s in zip([8, 16, 32, 64], [4, 8, 16, 32])]
+    ref = _reference(head, feats)
+    with torch.no_grad():
+        got = head(feats)
+    torch.testing.assert_close(got, ref, **TOL)
+    # the folded-BatchNorm cache follows in-place changes of the statistics
+    with torch.no_grad():
+        for m in head.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_var.mul_(3.0)
+        changed = head(feats)
+    assert not torch.allclose(changed, got)
+    torch.testing.assert_close(changed, _reference(head, feats), **TOL)
+
+
+def test_fused_qkv_cache_follows_weight_updates():
+    torch.manual_seed(0)
+    attn = SemanticAttention(8, 5).eval()
+    attn.gamma.data.fill_(1.0)
+    x = torch.randn(2, 10, 8)
+    with torch.no_grad():
+        q0, y0 = attn(x)
+        attn.mlp_v.weight.add_(0.5)  # e.g. an optimizer step or load_state_dict
+        q1, y1 = attn(x)
+    assert torch.equal(q0, q1) and not torch.allclose(y0, y1)
+    q_ref, y_ref = _reference(attn, x)
+    torch.testing.assert_close(y1, y_ref, **TOL)
+    attn.load_state_dict({k: torch.zeros_like(v) for k, v in attn.state_dict().items()})
+    with torch.no_grad():
+        assert attn(x)[0].abs().max() == 0
+
+
+@pytest.mark.parametrize("hw", [(64, 96), (97, 131)])
+def test_segmentor_inference_equals_training_path(tiny_swin_kwargs, monkeypatch, hw):
+    monkeypatch.setattr(window, "TOKEN_CHUNK", 100)
+    torch.manual_seed(0)
+    model = semask.create_model("semask_swin_tiny_fpn", **tiny_swin_kwargs, fpn_channels=16).eval()
+    _randomise_bn(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gamma"):
+                p.fill_(0.7)
+    x = torch.randn(2, 3, *hw)
+    ref = _reference(model, x)
+    with torch.no_grad():
+        got = model(x)
+    torch.testing.assert_close(got, ref, **TOL)
