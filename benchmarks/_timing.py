@@ -26,16 +26,22 @@ def time_once(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
-def interleaved_medians(fns: Dict[str, Callable[[], object]], reps: int, warmup: int = 1) -> Dict[str, List[float]]:
+def interleaved_medians(
+    fns: Dict[str, Callable[[], object]], reps: int, warmup: int = 1, settle: int = 0
+) -> Dict[str, List[float]]:
     """Run every callable ``warmup`` times, then ``reps`` rounds calling each once per round
     (interleaved, so a load spike from other processes hits all candidates alike); returns the
-    per-candidate lists of seconds."""
+    per-candidate lists of seconds. ``settle`` untimed calls precede each timed one: the previous
+    candidate's allocations (another runtime's arena, large buffers) otherwise land on the first call
+    after a switch, which a serving loop of one model never sees."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times: Dict[str, List[float]] = {k: [] for k in fns}
     for _ in range(reps):
         for k, fn in fns.items():
+            for _ in range(settle):
+                fn()
             times[k].append(time_once(fn))
     return times
 

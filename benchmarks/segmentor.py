@@ -25,9 +25,8 @@ def main() -> None:
     peaks, lat = [], []
     with torch.no_grad():
         model(x)
-        # interleave GEMM peak and model runs so both see the same machine load; one untimed model
-        # call after each GEMM block: the GEMM's large buffers reshape the allocator's free lists, and
-        # the steady-state latency of a serving loop is what is measured
+        # interleave GEMM peak and model runs so both see the same machine load; an untimed model call
+        # after each GEMM block (see interleaved_medians' settle): steady-state latency is measured
         for _ in range(max(1, args.reps // 5)):
             peaks.append(gemm_gflops(sizes=(2048, 3072), reps=2))
             lat += interleaved_medians({"model": lambda: model(x)}, reps=5, warmup=1)["model"]

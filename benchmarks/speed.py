@@ -64,6 +64,8 @@ def main() -> None:
         export_onnx(model, path, size=(args.size, args.size), batch=1)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
+        # no busy-waiting after a run: ORT's spinning threads would steal the cores of the next mode
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         feed = {"images": x.numpy()}
         err = abs(sess.run(None, feed)[0] - ref.numpy()).max()
@@ -71,7 +73,7 @@ def main() -> None:
         modes["ONNX Runtime (CPU)"] = lambda: sess.run(None, feed)
 
     with torch.no_grad():
-        times = interleaved_medians(modes, reps=args.reps)
+        times = interleaved_medians(modes, reps=args.reps, settle=1)
     base = median_ms(times["eager fp32"])
     print(f"{args.model} {args.size}x{args.size} batch 1, {threads} threads, {args.reps} interleaved reps, "
           f"torch {torch.__version__}")
