@@ -1,6 +1,7 @@
 """Timing helpers shared by the benchmark scripts (not part of the installed package)."""
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import time
@@ -93,10 +94,8 @@ def count_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
     return counter.get_total_flops()
 
 
-def bench_parser(doc: str, reps: int) -> "argparse.ArgumentParser":
+def bench_parser(doc: str, reps: int) -> argparse.ArgumentParser:
     """Argument parser with the options every benchmark shares: --size, --reps, --threads."""
-    import argparse
-
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=512, help="square input size")
     ap.add_argument("--reps", type=int, default=reps, help="timed repetitions per candidate")

@@ -43,7 +43,8 @@ def _nchw(tokens: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
 
 
 class WindowAttention(nn.Module):
-    """Window multi-head self-attention with a relative-position bias, on ``F.scaled_dot_product_attention``."""
+    """Window multi-head self-attention with a relative-position bias, on ``F.scaled_dot_product_attention``
+    (batched matmul-softmax in CPU inference and export)."""
 
     def __init__(
         self, dim: int, window_size: int, num_heads: int, qkv_bias: bool = True,
@@ -269,8 +270,9 @@ class SeMaskSwinTransformer(SemanticFeaturesMixin, nn.Module):
     ``(features, priors)``: lists with one NCHW tensor per index in ``out_indices`` (views of the
     token maps, channels-last strides); features of stage i have ``embed_dim * 2**i`` channels at
     stride ``4 * 2**i`` (sizes rounded up), priors have ``num_classes`` channels (raw logits, no
-    softmax). Eager CPU inference runs cache-blocked chunks of windows and tokens (same values). With ``semantic_layers=False`` the
-    semantic layers are absent (plain Swin with per-output norms) and ``priors`` is empty.
+    softmax). With ``semantic_layers=False`` the semantic layers are absent (plain Swin with
+    per-output norms) and ``priors`` is empty. Eager CPU inference runs cache-blocked chunks of
+    windows and tokens (same values as the whole-tensor path of training, GPUs and export).
 
     Args:
         num_classes: classes K of the semantic layers.
@@ -436,7 +438,6 @@ class SeMaskSwinTransformer(SemanticFeaturesMixin, nn.Module):
         for i, stage in enumerate(self.layers):
             out, prior, x, next_hw = stage(x, hw)
             if i in self.out_indices:
-                b = out.shape[0]
                 # NCHW views of the token maps (channels-last strides, as timm's NHWC models return
                 # them): no transposing copy, and the decoders' NHWC convs take them as they are
                 feats.append(_nchw(getattr(self, f"norm{i}")(out), hw))
