@@ -87,8 +87,9 @@ class WindowAttention(nn.Module):
         return bias.repeat(batch, 1, 1, 1)
 
     def attend(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """x: (B*nW, N, C) windows, bias from :meth:`window_bias` -> (B*nW, N, C) attention output
-        *before* ``proj`` (the caller projects after un-windowing: padded tokens are never projected)."""
+        """x: (B*nW, N, C) windows, bias from :meth:`window_bias` -> (B*nW, N, heads, C/heads) attention
+        output (a view; its heads flatten to C) *before* ``proj``: the caller projects after
+        un-windowing, so padded tokens are never projected."""
         bw, n, c = x.shape
         h = self.num_heads
         # (B*nW, h, N, hd) strided views of the qkv output: no copies before the attention kernel
@@ -106,11 +107,12 @@ class WindowAttention(nn.Module):
                 q, k, v, attn_mask=bias.expand(bw, -1, -1, -1),
                 dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale,
             )
-        return out.transpose(1, 2).reshape(bw, n, c)
+        return out.transpose(1, 2)
 
     def forward(self, x: torch.Tensor, batch: int, mask: Optional[torch.Tensor]) -> torch.Tensor:
         """x: (B*nW, N, C) windows; mask: (nW, 1, N, N) additive shift mask or None -> (B*nW, N, C)."""
-        return self.proj_drop(self.proj(self.attend(x, self.window_bias(mask, batch, x.shape[0]))))
+        out = self.attend(x, self.window_bias(mask, batch, x.shape[0])).flatten(2)
+        return self.proj_drop(self.proj(out))
 
 
 class SwinBlock(nn.Module):
@@ -144,7 +146,7 @@ class SwinBlock(nn.Module):
             return self._forward_chunked(x, mask, fwd, inv)
         # official order: LN1, zero-pad, roll, partition; here one gather does pad + roll + partition
         xw = tokens_to_windows(self.norm1(x), fwd, ws)
-        y = self.attn.attend(xw, self.attn.window_bias(mask, b, xw.shape[0]))
+        y = self.attn.attend(xw, self.attn.window_bias(mask, b, xw.shape[0])).flatten(2)
         # un-window before the output projection: the padded tokens are dropped, never projected
         x = x + self.drop_path(self.attn.proj_drop(self.attn.proj(windows_to_tokens(y, inv, b))))
         return x + self.drop_path(self.mlp(self.norm2(x)))
@@ -160,11 +162,12 @@ class SwinBlock(nn.Module):
         attn = self.attn
         xn = F.pad(self.norm1(x), (0, 0, 0, 1))  # + the zero token that padded positions read
         bias = attn.window_bias(mask, 1, nw)
-        y = x.new_empty(b, nw * n, c)
+        y = x.new_empty(b, nw, n, attn.num_heads, c // attn.num_heads)
         for i in range(b):
             for w0, w1 in token_chunks(nw, n):
                 xw = xn[i].index_select(0, fwd[w0 * n:w1 * n]).view(w1 - w0, n, c)
-                y[i, w0 * n:w1 * n] = attn.attend(xw, bias[w0:w1] if mask is not None else bias).view(-1, c)
+                y[i, w0:w1] = attn.attend(xw, bias[w0:w1] if mask is not None else bias)
+        y = y.view(b, nw * n, c)
         out = torch.empty_like(x)
         for i in range(b):
             for t0, t1 in token_chunks(length):

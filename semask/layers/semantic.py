@@ -170,14 +170,13 @@ class SemanticLayer(nn.Module):
         n = self.window_size ** 2
         nw = fwd.shape[0] // n
         x = F.pad(x, (0, 0, 0, 1))  # + the zero token that padded positions read
-        prior = x.new_empty(b, nw * n, self.num_classes)
-        out = x.new_empty(b, nw * n, c)
+        prior = x.new_empty(b, nw, n, self.num_classes)
+        out = x.new_empty(b, nw, n, c)
         for i in range(b):
             for w0, w1 in token_chunks(nw, n):
-                p, y = self._attend(x[i].index_select(0, fwd[w0 * n:w1 * n]).view(w1 - w0, n, c))
-                prior[i, w0 * n:w1 * n] = p.reshape(-1, p.shape[-1])
-                out[i, w0 * n:w1 * n] = y.reshape(-1, c)
-        return prior, out
+                windows = x[i].index_select(0, fwd[w0 * n:w1 * n]).view(w1 - w0, n, c)
+                prior[i, w0:w1], out[i, w0:w1] = self._attend(windows)
+        return prior.view(b, nw * n, -1), out.view(b, nw * n, c)
 
     def extra_repr(self) -> str:
         return "global" if self.global_attn else f"windowed, window_size={self.window_size}"
