@@ -20,7 +20,8 @@ from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import build_model_with_cfg
 
 from ..layers import (
-    SemanticLayer, cached_shifted_window_mask, eager_cpu_inference, gather_rows, merge_index, token_chunks,
+    SemanticLayer, batched_index, cached_shifted_window_mask, eager_cpu_inference, gather_rows, merge_index,
+    token_chunks,
     tokens_to_windows, window_index, windows_to_tokens,
 )
 from timm.models import generate_default_cfgs, register_model as timm_register_model
@@ -155,25 +156,36 @@ class SwinBlock(nn.Module):
         self, x: torch.Tensor, mask: Optional[torch.Tensor], fwd: torch.Tensor, inv: torch.Tensor
     ) -> torch.Tensor:
         """Inference on the CPU, same values as the whole-tensor path: the windows, then the tokens,
-        go through in cache-sized chunks (window q/k/v and the 4C-wide MLP hidden never reach DRAM)."""
+        of the whole batch go through in cache-sized chunks (window q/k/v and the 4C-wide MLP hidden
+        never reach DRAM)."""
         b, length, c = x.shape
         n = self.window_size ** 2
         nw = fwd.shape[0] // n
         attn = self.attn
-        xn = F.pad(self.norm1(x), (0, 0, 0, 1))  # + the zero token that padded positions read
+        # + the zero token that padded positions read, per image; batch flattened into rows
+        xn = F.pad(self.norm1(x), (0, 0, 0, 1)).view(-1, c)
+        rows = batched_index(fwd, b, length + 1)
         bias = attn.window_bias(mask, 1, nw)
-        y = x.new_empty(b, nw, n, attn.num_heads, c // attn.num_heads)
-        for i in range(b):
-            for w0, w1 in token_chunks(nw, n):
-                xw = xn[i].index_select(0, fwd[w0 * n:w1 * n]).view(w1 - w0, n, c)
-                y[i, w0:w1] = attn.attend(xw, bias[w0:w1] if mask is not None else bias)
-        y = y.view(b, nw * n, c)
+        y = x.new_empty(b * nw, n, attn.num_heads, c // attn.num_heads)
+        for w0, w1 in token_chunks(b * nw, n):
+            xw = xn.index_select(0, rows[w0 * n:w1 * n]).view(w1 - w0, n, c)
+            y[w0:w1] = attn.attend(xw, bias if mask is None else _windows_of(bias, w0, w1))
+        y = y.view(-1, c)
+        rows = batched_index(inv, b, nw * n)
+        x = x.reshape(-1, c)
         out = torch.empty_like(x)
-        for i in range(b):
-            for t0, t1 in token_chunks(length):
-                xc = x[i, t0:t1] + attn.proj(y[i].index_select(0, inv[t0:t1]))
-                torch.add(xc, self.mlp(self.norm2(xc)), out=out[i, t0:t1])
-        return out
+        for t0, t1 in token_chunks(b * length):
+            xc = x[t0:t1] + attn.proj(y.index_select(0, rows[t0:t1]))
+            torch.add(xc, self.mlp(self.norm2(xc)), out=out[t0:t1])
+        return out.view(b, length, c)
+
+
+def _windows_of(per_window: torch.Tensor, w0: int, w1: int) -> torch.Tensor:
+    """Rows ``w0..w1`` of a batch-major window sequence from a per-image ``(nW, ...)`` tensor."""
+    nw = per_window.shape[0]
+    if w0 // nw == (w1 - 1) // nw:  # within one image: a view
+        return per_window[w0 % nw:w0 % nw + (w1 - w0)]
+    return per_window.index_select(0, torch.arange(w0, w1, device=per_window.device) % nw)
 
 
 class PatchMerging(nn.Module):

@@ -1,6 +1,7 @@
 """Reusable SeMask building blocks."""
 from .semantic import SemanticAttention, SemanticLayer
 from .window import (
+    batched_index,
     cached_shifted_window_mask,
     eager_cpu_inference,
     gather_rows,
@@ -19,6 +20,7 @@ from .window import (
 __all__ = [
     "SemanticAttention",
     "SemanticLayer",
+    "batched_index",
     "cached_shifted_window_mask",
     "eager_cpu_inference",
     "gather_rows",

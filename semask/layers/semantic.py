@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
 from ._derived import derived_tensor
-from .window import eager_cpu_inference, token_chunks, tokens_to_windows, window_index, windows_to_tokens
+from .window import batched_index, eager_cpu_inference, token_chunks, tokens_to_windows, window_index, windows_to_tokens
 
 __all__ = ["SemanticAttention", "SemanticLayer"]
 
@@ -166,16 +166,15 @@ class SemanticLayer(nn.Module):
     def _attend_chunked(self, x: torch.Tensor, fwd: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         # CPU inference: the windows go through in cache-sized chunks (their (n, 2K + C) q/k/v never
         # reach DRAM); same values as the whole-tensor path
-        b, _, c = x.shape
+        b, length, c = x.shape
         n = self.window_size ** 2
         nw = fwd.shape[0] // n
-        x = F.pad(x, (0, 0, 0, 1))  # + the zero token that padded positions read
-        prior = x.new_empty(b, nw, n, self.num_classes)
-        out = x.new_empty(b, nw, n, c)
-        for i in range(b):
-            for w0, w1 in token_chunks(nw, n):
-                windows = x[i].index_select(0, fwd[w0 * n:w1 * n]).view(w1 - w0, n, c)
-                prior[i, w0:w1], out[i, w0:w1] = self._attend(windows)
+        x = F.pad(x, (0, 0, 0, 1)).view(-1, c)  # + the zero token that padded positions read, per image
+        rows = batched_index(fwd, b, length + 1)
+        prior = x.new_empty(b * nw, n, self.num_classes)
+        out = x.new_empty(b * nw, n, c)
+        for w0, w1 in token_chunks(b * nw, n):
+            prior[w0:w1], out[w0:w1] = self._attend(x.index_select(0, rows[w0 * n:w1 * n]).view(w1 - w0, n, c))
         return prior.view(b, nw * n, -1), out.view(b, nw * n, c)
 
     def extra_repr(self) -> str:
