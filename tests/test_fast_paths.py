@@ -168,3 +168,20 @@ def test_batch_is_chunked_as_one_sequence(tiny_swin_kwargs, monkeypatch):
         single = len(calls)
         model(torch.randn(8, 3, 32, 32))
     assert single == sum(tiny_swin_kwargs["depths"]) and len(calls) == 2 * single
+
+
+def test_window_bias_cache_follows_table_and_size(tiny_swin_kwargs):
+    torch.manual_seed(0)
+    model = SeMaskSwinTransformer(**tiny_swin_kwargs).eval()
+    for h, w in [(40, 60), (60, 40), (40, 60)]:  # same window count, different shift masks
+        x = torch.randn(1, 3, h, w)
+        with torch.no_grad():
+            got = model(x)
+        for a, b in zip(_reference(model, x)[0], got[0]):
+            torch.testing.assert_close(b, a, **TOL)
+    with torch.no_grad():
+        for blk in model.layers[0].blocks:
+            blk.attn.relative_position_bias_table.add_(1.0)
+        got = model(x)
+    for a, b in zip(_reference(model, x)[0], got[0]):
+        torch.testing.assert_close(b, a, **TOL)

@@ -21,9 +21,9 @@ from timm.models import build_model_with_cfg
 
 from ..layers import (
     SemanticLayer, batched_index, cached_shifted_window_mask, eager_cpu_inference, gather_rows, merge_index,
-    token_chunks,
-    tokens_to_windows, window_index, windows_to_tokens,
+    token_chunks, tokens_to_windows, window_index, windows_to_tokens,
 )
+from ..layers._derived import derived_tensor
 from timm.models import generate_default_cfgs, register_model as timm_register_model
 
 from ..models._registry import register_model
@@ -77,11 +77,16 @@ class WindowAttention(nn.Module):
         mask: (nW, 1, N, N) or None; returns (windows, h, N, N) for ``windows = B * nW`` (a view
         where possible) or (1, h, N, N) without a mask.
         """
-        bias = self.relative_position_bias().unsqueeze(0)  # (1, h, N, N)
+        def build() -> torch.Tensor:
+            bias = self.relative_position_bias().unsqueeze(0)  # (1, h, N, N)
+            return bias if mask is None else bias + mask  # (nW, h, N, N)
+
+        # inference: built once per input size, not in every block call
+        table = self.relative_position_bias_table
+        bias = derived_tensor(self, "bias", [table] if mask is None else [table, mask], build)
         if mask is None:
             return bias
-        bias = bias + mask  # (nW, h, N, N); windows are batch-major
-        h, n = self.num_heads, bias.shape[-1]
+        h, n = self.num_heads, bias.shape[-1]  # windows are batch-major
         if type(batch) is int and type(bias.shape[0]) is int:
             return bias.unsqueeze(0).expand(batch, -1, -1, -1, -1).reshape(windows, h, n, n)  # a view if B == 1
         # symbolic sizes (export): reshape's view-or-copy choice would guard on B == 1 / nW == 1

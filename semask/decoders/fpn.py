@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..layers._derived import derived_tensor
+from ..layers.window import is_traced
 
 __all__ = ["ConvBNReLU", "FPNHead", "SemanticDecoder", "upsample_sum"]
 
@@ -21,15 +22,11 @@ def _channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=fmt)
 
 
-def _traced() -> bool:
-    return torch.compiler.is_exporting() or torch.compiler.is_compiling() or torch.jit.is_tracing()
-
-
 def _resize_to(x: torch.Tensor, size: Sequence[int], align_corners: bool) -> torch.Tensor:
     """Bilinear resize to ``size``; skipped when the size already matches (then an exact identity:
     x2 steps reach the stride-4 size except on odd inputs). Always traced under export / compile, where
     a size test would guard (and recompile) on the input size."""
-    if not _traced() and tuple(x.shape[-2:]) == tuple(size):
+    if not is_traced() and tuple(x.shape[-2:]) == tuple(size):
         return x
     return F.interpolate(x, size=size, mode="bilinear", align_corners=align_corners)
 
@@ -114,7 +111,7 @@ class FPNHead(nn.Module):
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         out = self.scale_heads[0](features[0])
         size = out.shape[-2:]
-        if torch.is_grad_enabled() or _traced():
+        if torch.is_grad_enabled() or is_traced():
             for head, f in zip(self.scale_heads[1:], features[1:]):
                 out = out + _resize_to(head(f), size, align_corners=False)
         else:

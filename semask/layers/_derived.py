@@ -6,6 +6,8 @@ from typing import Callable, Sequence, TypeVar
 import torch
 import torch.nn as nn
 
+from .window import is_traced
+
 T = TypeVar("T")
 
 
@@ -14,12 +16,14 @@ def derived_tensor(owner: nn.Module, name: str, sources: Sequence[torch.Tensor],
     tensor is replaced, moved, cast or changed in place (its version counter moves). With autograd on,
     or under torch.compile / export / jit tracing, it is built on every call so gradients flow and the
     ops enter the graph."""
-    if torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
+    if torch.is_grad_enabled() or is_traced():
         return build()
-    key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
+    key = tuple((t.data_ptr(), t._version, t.dtype, t.device, t.shape) for t in sources)
     cached = owner.__dict__.get("_derived_" + name)
-    if cached is not None and cached[0] == key:
-        return cached[1]
+    # the sources are held with the value: a freed source's address cannot be reused by another
+    # tensor that would then match the key
+    if cached is not None and cached[0] == key and all(a is b for a, b in zip(cached[1], sources)):
+        return cached[2]
     value = build()
-    owner.__dict__["_derived_" + name] = (key, value)
+    owner.__dict__["_derived_" + name] = (key, tuple(sources), value)
     return value

@@ -69,16 +69,18 @@ def window_reverse(windows: torch.Tensor, window: int, hp: int, wp: int) -> torc
     return x.transpose(2, 3).reshape(-1, hp, wp, c)
 
 
+def is_traced() -> bool:
+    """True under torch.compile, torch.export (ONNX) or jit tracing: ops must enter the graph."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+
+
 def eager_cpu_inference(x: torch.Tensor) -> bool:
     """True when ``x`` runs eagerly on the CPU without autograd: the chunked fast paths apply.
 
     Everything else (training, GPUs, torch.compile / export / jit tracing) takes the whole-tensor path,
     which computes the same values.
     """
-    return (
-        x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.jit.is_tracing()
-        and not torch.compiler.is_compiling() and not torch.compiler.is_exporting()
-    )
+    return x.device.type == "cpu" and not torch.is_grad_enabled() and not is_traced()
 
 
 def token_chunks(n: int, item_tokens: int = 1) -> List[Tuple[int, int]]:
@@ -135,7 +137,7 @@ _CACHE: Dict[tuple, object] = {}
 def _cached(key: tuple, sizes: Tuple[Size, ...], build: Callable[[], T]) -> T:
     # plain int sizes: build once per key (bounded: multi-scale training sees many sizes); symbolic
     # sizes (export / compile) or jit tracing: build fresh so the ops enter the graph
-    if not all(type(s) is int for s in sizes) or torch.jit.is_tracing() or torch.compiler.is_compiling():
+    if not all(type(s) is int for s in sizes) or is_traced():
         return build()
     if key not in _CACHE:
         if len(_CACHE) > 64:
