@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import time
@@ -80,15 +81,25 @@ def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int
     return 2 * b * h * q_len * s * e + 2 * b * h * q_len * s * ev
 
 
+def _onednn_linear_flops(x_shape, *args, **kwargs) -> int:
+    # mkldnn::_linear_pointwise(X, W, B, attr, ...) and .binary(X, other, W, B, attr): 2 * rows * in * out
+    w_shape = args[0] if isinstance(args[2], str) else args[1]
+    return 2 * math.prod(x_shape[:-1]) * x_shape[-1] * w_shape[0]
+
+
 def count_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
-    """FLOPs of ``model(x)`` (FlopCounterMode; also counts the fused CPU attention kernel, which
-    torch's table misses, so fused and unfused attention count the same)."""
+    """FLOPs of ``model(x)`` (FlopCounterMode; also counts the fused CPU attention kernel and oneDNN's
+    fused linear, which torch's table misses, so fused and unfused paths count the same)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     mapping = {}
     op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     if op is not None:
         mapping[op] = _sdpa_cpu_flops
+    try:
+        mapping[torch.ops.mkldnn._linear_pointwise] = _onednn_linear_flops  # both overloads
+    except (AttributeError, RuntimeError):
+        pass
     with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         model(x)
     return counter.get_total_flops()

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import semask
+import semask.layers.cpu as cpu
 import semask.layers.window as window
 from semask.backbones.swin import SeMaskSwinTransformer, SwinBlock
 from semask.decoders import FPNHead
@@ -185,3 +187,149 @@ def test_window_bias_cache_follows_table_and_size(tiny_swin_kwargs):
         got = model(x)
     for a, b in zip(_reference(model, x)[0], got[0]):
         torch.testing.assert_close(b, a, **TOL)
+
+
+def test_window_bias_built_once_per_size(tiny_swin_kwargs, monkeypatch):
+    # the stage hands each block a fresh view of the cached shift mask: the combined bias + mask must
+    # still come from the cache (it was rebuilt in every forward, ~1% of the Swin-T FPN time)
+    from semask.backbones.swin import WindowAttention
+
+    monkeypatch.setattr(window, "_CACHE", {})  # not cleared half-way by earlier tests' sizes
+    model = SeMaskSwinTransformer(**tiny_swin_kwargs).eval()
+    built = _spy(monkeypatch, WindowAttention, "relative_position_bias")
+    x = torch.randn(1, 3, 48, 48)
+    with torch.no_grad():
+        model(x)
+        first = len(built)
+        model(x)
+    assert first == sum(tiny_swin_kwargs["depths"]) and len(built) == first
+
+
+@pytest.fixture(params=[True, False], ids=["onednn", "plain"])
+def onednn(request, monkeypatch):
+    if request.param and not cpu._ONEDNN_LINEAR:
+        pytest.skip("this torch build has no oneDNN fused linear")
+    monkeypatch.setattr(cpu, "_ONEDNN_LINEAR", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("fusion", [{}, {"gelu": "none"}, {"gelu": "tanh"}, {"residual": True}])
+def test_fused_linear_matches_torch(onednn, fusion):
+    torch.manual_seed(0)
+    x = torch.randn(3, 50, 40)[:, :, :24]  # non-contiguous rows
+    w, b = torch.randn(32, 24) * 0.2, torch.randn(32)
+    ref = F.linear(x, w, b)
+    res = torch.randn(3, 50, 32) if fusion.get("residual") else None
+    if "gelu" in fusion:
+        ref = F.gelu(ref, approximate=fusion["gelu"])
+    if res is not None:
+        ref = res + ref
+    with torch.no_grad():
+        got = cpu.linear(x, w, b, gelu=fusion.get("gelu"), residual=res)
+        no_bias = cpu.linear(x, w)
+    torch.testing.assert_close(got, ref, **TOL)
+    torch.testing.assert_close(no_bias, F.linear(x, w), **TOL)
+    with pytest.raises(ValueError, match="either gelu or residual"):
+        cpu.linear(x, w, b, gelu="none", residual=ref)
+
+
+def test_fused_linear_keeps_autograd_and_autocast():
+    w = torch.randn(8, 4, requires_grad=True)
+    x = torch.randn(5, 4)
+    y = cpu.linear(x, w, residual=torch.ones(5, 8))  # autograd on: the differentiable plain ops
+    y.sum().backward()
+    torch.testing.assert_close(w.grad, x.sum(0).expand(8, 4))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert cpu.linear(x, w.detach()).dtype == torch.bfloat16  # autocast still applies
+
+
+def test_mlp_residual_matches_module(onednn):
+    from timm.layers import Mlp
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 30, 16)
+    for mlp in [Mlp(16, 64).eval(), Mlp(16, 64, act_layer=torch.nn.ReLU).eval()]:  # fused / called as is
+        with torch.no_grad():
+            torch.testing.assert_close(cpu.mlp_residual(mlp, x), x + mlp(x), **TOL)
+            h = x * 2
+            torch.testing.assert_close(cpu.mlp_residual(mlp, x, h), x + mlp(h), **TOL)
+    seen = []  # a module with hooks is called, so the hooks fire
+    handle = mlp.fc1.register_forward_hook(lambda *a: seen.append(1))
+    with torch.no_grad():
+        cpu.mlp_residual(Mlp(16, 64).eval(), x)
+        fused = Mlp(16, 64).eval()
+        fused.fc2.register_forward_hook(lambda *a: seen.append(2))
+        cpu.mlp_residual(fused, x)
+        cpu.linear_module(mlp.fc1, x)
+    handle.remove()
+    assert seen == [2, 1]
+
+
+@pytest.mark.parametrize("shape,size,channels_last", [
+    ((1, 40, 16, 16), (64, 64), False),  # the logits resize: x4, several channel groups
+    ((2, 5, 7, 9), (21, 18), False),  # x3 / x2, batch 2
+    ((1, 3, 5, 5), (5, 20), False),  # x1 on one axis
+    ((2, 16, 8, 8), (16, 24), True),  # channels-last stays channels-last
+    ((1, 4, 6, 6), (13, 12), False),  # not an integer factor: F.interpolate
+])
+def test_upsample_bilinear_matches_interpolate(shape, size, channels_last, monkeypatch):
+    x = torch.randn(*shape)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    ref = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    lerps = []
+    real_lerp = torch.lerp
+    monkeypatch.setattr(torch, "lerp", lambda *a, **k: lerps.append(1) or real_lerp(*a, **k))
+    with torch.no_grad():
+        got = cpu.upsample_bilinear(x, size)
+    integer = size[0] % shape[2] == 0 and size[1] % shape[3] == 0
+    assert bool(lerps) == integer  # the fast path ran exactly where it applies
+    torch.testing.assert_close(got, ref, **TOL)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert got.is_contiguous(memory_format=fmt)
+    lerps.clear()
+    with torch.enable_grad():  # training: F.interpolate itself
+        torch.testing.assert_close(cpu.upsample_bilinear(x, size), ref)
+        assert cpu.upsample_bilinear(x, size, align_corners=True).shape == ref.shape
+    assert not lerps
+
+
+def _backbones(tiny_swin_kwargs):
+    from semask.backbones.mit import SeMaskMiT
+
+    yield SeMaskSwinTransformer(**tiny_swin_kwargs, sem_global=(False, True, False, True))
+    yield SeMaskMiT(num_classes=5, embed_dims=(8, 16, 24, 32), num_heads=(1, 2, 3, 4), depths=(1, 1, 1, 1))
+    yield semask.wrap("convnext_atto", num_classes=5, sem_window_size=4)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_backbones_skip_priors_on_request(tiny_swin_kwargs, grad):
+    # the segmentor's inference needs no prior maps: every SeMask backbone can skip assembling them
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 45, 61)
+    for bb in _backbones(tiny_swin_kwargs):
+        bb.eval()
+        with torch.set_grad_enabled(grad):
+            feats, priors = bb(x)
+            only, none = bb(x, with_priors=False)
+        assert len(priors) == len(feats) and none == []
+        for a, b in zip(feats, only):
+            torch.testing.assert_close(b, a, atol=0, rtol=0)
+
+
+def test_segmentor_logits_do_not_depend_on_priors(tiny_swin_kwargs, monkeypatch):
+    model = semask.create_model("semask_swin_tiny_fpn", **tiny_swin_kwargs, fpn_channels=16).eval()
+    seen = []
+    real = SeMaskSwinTransformer.forward
+
+    def forward(self, x, with_priors=True):
+        seen.append(with_priors)
+        return real(self, x, with_priors)
+
+    monkeypatch.setattr(SeMaskSwinTransformer, "forward", forward)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        logits = model(x)
+        ref = model.forward_all(x)["logits"]
+    assert seen == [False, True]
+    torch.testing.assert_close(logits, ref, atol=0, rtol=0)

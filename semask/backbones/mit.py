@@ -142,7 +142,7 @@ class MiTStage(nn.Module):
         )
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def forward(self, x: torch.Tensor, with_prior: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(B, C_in, H, W) -> (features (B, dim, H', W'), prior logits (B, K, H', W') or None)."""
         x, hw = self.patch_embed(x)
         for blk in self.blocks:
@@ -152,8 +152,8 @@ class MiTStage(nn.Module):
                 x = blk(x, hw)
         prior = None
         if self.semantic_layer is not None:
-            prior, x = self.semantic_layer(x, hw)
-            prior = _tokens_to_map(prior, hw)
+            prior, x = self.semantic_layer(x, hw, with_prior)
+            prior = None if prior is None else _tokens_to_map(prior, hw)
         return _tokens_to_map(self.norm(x), hw), prior
 
 
@@ -262,14 +262,15 @@ class SeMaskMiT(SemanticFeaturesMixin, nn.Module):
         for stage in self.stages:
             stage.grad_checkpointing = enable
 
-    def forward(self, x: torch.Tensor) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-        """x: (B, in_chans, H, W) float -> (features [B, C_i, H_i, W_i], priors [B, K, H_i, W_i])."""
+    def forward(self, x: torch.Tensor, with_priors: bool = True) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """x: (B, in_chans, H, W) float -> (features [B, C_i, H_i, W_i], priors [B, K, H_i, W_i]; empty
+        with ``with_priors=False``)."""
         check_image_input(x, self.in_chans)
         feats: List[torch.Tensor] = []
         priors: List[torch.Tensor] = []
         last = max(self.out_indices)
         for i, stage in enumerate(self.stages):
-            x, prior = stage(x)
+            x, prior = stage(x, with_priors and i in self.out_indices)
             if i in self.out_indices:
                 feats.append(x)
                 if prior is not None:

@@ -24,6 +24,7 @@ from ..layers import (
     token_chunks, tokens_to_windows, window_index, windows_to_tokens,
 )
 from ..layers._derived import derived_tensor
+from ..layers.cpu import linear_module, mlp_residual
 from timm.models import generate_default_cfgs, register_model as timm_register_model
 
 from ..models._registry import register_model
@@ -98,10 +99,12 @@ class WindowAttention(nn.Module):
         un-windowing, so padded tokens are never projected."""
         bw, n, c = x.shape
         h = self.num_heads
+        fast = not self.training and eager_cpu_inference(x)
+        qkv = linear_module(self.qkv, x) if fast else self.qkv(x)
         # (B*nW, h, N, hd) strided views of the qkv output: no copies before the attention kernel
-        q, k, v = self.qkv(x).view(bw, n, 3, h, c // h).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = qkv.view(bw, n, 3, h, c // h).permute(2, 0, 3, 1, 4).unbind(0)
         bias = bias.to(q.dtype)
-        if torch.compiler.is_exporting() or (not self.training and eager_cpu_inference(x)):
+        if fast or torch.compiler.is_exporting():
             # plain matmul-softmax. Export: exporters decompose SDPA into ops whose output layout
             # differs from the fused kernel's, which breaks the views recorded at trace time (ONNX).
             # CPU inference on window chunks: batched GEMMs beat the fused CPU kernel 1.2-1.5x at
@@ -180,8 +183,8 @@ class SwinBlock(nn.Module):
         x = x.reshape(-1, c)
         out = torch.empty_like(x)
         for t0, t1 in token_chunks(b * length):
-            xc = x[t0:t1] + attn.proj(y.index_select(0, rows[t0:t1]))
-            torch.add(xc, self.mlp(self.norm2(xc)), out=out[t0:t1])
+            xc = linear_module(attn.proj, y.index_select(0, rows[t0:t1]), residual=x[t0:t1])
+            out[t0:t1] = mlp_residual(self.mlp, xc, self.norm2(xc))
         return out.view(b, length, c)
 
 
@@ -207,7 +210,7 @@ class PatchMerging(nn.Module):
         # one gather (zero token for odd sizes) -> per output token the 4 neighbours in the official
         # channel order (r0,c0), (r1,c0), (r0,c1), (r1,c1)
         x = gather_rows(F.pad(x, (0, 0, 0, 1)), merge_index(hw[0], hw[1], x.device)).view(b, -1, 4 * c)
-        return self.reduction(self.norm(x))
+        return linear_module(self.reduction, self.norm(x))
 
 
 class PatchEmbed(nn.Module):
@@ -224,7 +227,11 @@ class PatchEmbed(nn.Module):
         p = self.patch_size
         # a constant p - 1 zero pad gives the same ceil(H/p) x ceil(W/p) patches as padding to a multiple
         # of p (the extra zeros fall outside every patch), without size-dependent pad amounts
-        x = self.proj(F.pad(x, (0, p - 1, 0, p - 1)))
+        x = F.pad(x, (0, p - 1, 0, p - 1))
+        if eager_cpu_inference(x):
+            # an NHWC conv output: the LayerNorm and the token view that follow need no transposing copy
+            x = x.contiguous(memory_format=torch.channels_last)
+        x = self.proj(x)
         if self.norm is not None:
             x = self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         return x
@@ -263,7 +270,7 @@ class SwinStage(nn.Module):
         return cached_shifted_window_mask(h, w, self.window_size, self.shift_size, device).unsqueeze(1)
 
     def forward(
-        self, x: torch.Tensor, hw: Tuple[int, int]
+        self, x: torch.Tensor, hw: Tuple[int, int], with_prior: bool = True
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, Tuple[int, int]]:
         """x: (B, H*W, C) -> (stage tokens, prior logits (B, H*W, K) or None, next tokens, next (H, W))."""
         mask = self.shift_mask(hw[0], hw[1], x.device) if len(self.blocks) > 1 else None
@@ -277,7 +284,7 @@ class SwinStage(nn.Module):
                 x = blk(x, hw, mask, idx)
         prior = None
         if self.semantic_layer is not None:
-            prior, x = self.semantic_layer(x, hw)
+            prior, x = self.semantic_layer(x, hw, with_prior)
         if self.downsample is None:
             return x, prior, x, hw
         return x, prior, self.downsample(x, hw), ((hw[0] + 1) // 2, (hw[1] + 1) // 2)
@@ -449,14 +456,15 @@ class SeMaskSwinTransformer(SemanticFeaturesMixin, nn.Module):
             x = x + F.interpolate(self.absolute_pos_embed, size=hw, mode="bicubic")
         return self.pos_drop(x.flatten(2).transpose(1, 2)), hw
 
-    def forward(self, x: torch.Tensor) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-        """x: (B, in_chans, H, W) float -> (features [B, C_i, H_i, W_i], priors [B, K, H_i, W_i])."""
+    def forward(self, x: torch.Tensor, with_priors: bool = True) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """x: (B, in_chans, H, W) float -> (features [B, C_i, H_i, W_i], priors [B, K, H_i, W_i]; empty
+        with ``with_priors=False``, which skips assembling them: inference of the main logits)."""
         x, hw = self._embed(x)
         feats: List[torch.Tensor] = []
         priors: List[torch.Tensor] = []
         last = max(self.out_indices)
         for i, stage in enumerate(self.layers):
-            out, prior, x, next_hw = stage(x, hw)
+            out, prior, x, next_hw = stage(x, hw, with_priors and i in self.out_indices)
             if i in self.out_indices:
                 # NCHW views of the token maps (channels-last strides, as timm's NHWC models return
                 # them): no transposing copy, and the decoders' NHWC convs take them as they are

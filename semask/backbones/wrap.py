@@ -179,8 +179,9 @@ class SeMaskWrapped(SemanticFeaturesMixin, nn.Module):
             return torch.utils.checkpoint.checkpoint(stage, x, use_reentrant=False)
         return stage(x)
 
-    def forward(self, x: torch.Tensor) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-        """x: (B, in_chans, H, W) float -> (features [B, C_i, H_i, W_i], priors [B, K, H_i, W_i])."""
+    def forward(self, x: torch.Tensor, with_priors: bool = True) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """x: (B, in_chans, H, W) float -> (features [B, C_i, H_i, W_i], priors [B, K, H_i, W_i]; empty
+        with ``with_priors=False``)."""
         check_image_input(x, self.in_chans)
         ad = self.adapter
         for name in ad.stem:
@@ -195,14 +196,15 @@ class SeMaskWrapped(SemanticFeaturesMixin, nn.Module):
             b, h, w, c = y.shape
             tokens = y.reshape(b, h * w, c)
             sem = self.semantic_layers[i]
-            prior, out = sem(tokens, (h, w))
+            prior, out = sem(tokens, (h, w), with_priors and i in self.out_indices)
             if self.sem_residual:
                 # x + gamma * attn(LN(x)): the semantic layer starts as the identity on the stream
                 out = tokens + (out - sem.norm1(tokens))
             x, fmt = out.view(b, h, w, c), "NHWC"
             if i in self.out_indices:
                 feats.append(self.out_norms[i](x).permute(0, 3, 1, 2))
-                priors.append(prior.view(b, h, w, -1).permute(0, 3, 1, 2))
+                if prior is not None:
+                    priors.append(prior.view(b, h, w, -1).permute(0, 3, 1, 2))
             if i == last:
                 break
         return feats, priors

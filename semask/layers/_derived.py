@@ -18,11 +18,12 @@ def derived_tensor(owner: nn.Module, name: str, sources: Sequence[torch.Tensor],
     ops enter the graph."""
     if torch.is_grad_enabled() or is_traced():
         return build()
-    key = tuple((t.data_ptr(), t._version, t.dtype, t.device, t.shape) for t in sources)
+    key = tuple((t.data_ptr(), t._version, t.dtype, t.device, t.shape, t.stride()) for t in sources)
     cached = owner.__dict__.get("_derived_" + name)
-    # the sources are held with the value: a freed source's address cannot be reused by another
-    # tensor that would then match the key
-    if cached is not None and cached[0] == key and all(a is b for a, b in zip(cached[1], sources)):
+    # the sources are held with the value, so their memory stays allocated: a tensor matching the key
+    # is the same memory (the same tensor, or a fresh view of it, e.g. a cached mask's unsqueeze), and
+    # views share the version counter that in-place changes move
+    if cached is not None and cached[0] == key:
         return cached[2]
     value = build()
     owner.__dict__["_derived_" + name] = (key, tuple(sources), value)

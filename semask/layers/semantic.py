@@ -2,7 +2,7 @@
 re-weights the features with it (Jain et al., SeMask, spec section 1.4)."""
 from __future__ import annotations
 
-from typing import Callable, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
 from ._derived import derived_tensor
+from .cpu import is_plain, linear
 from .window import batched_index, eager_cpu_inference, token_chunks, tokens_to_windows, window_index, windows_to_tokens
 
 __all__ = ["SemanticAttention", "SemanticLayer"]
@@ -88,7 +89,7 @@ class SemanticAttention(nn.Module):
             # batch == 1); wrapped / replaced projections: call them
             return lins[0](x), lins[1](x), lins[2](x)
         k, c = self.mlp_cls_q.out_features, self.mlp_v.out_features
-        qkv = F.linear(x, *self._fused_qkv())
+        qkv = F.linear(x, *self._fused_qkv())  # (MKL beats oneDNN at the 2K + C widths of stages 0-1)
         return qkv[..., :k], qkv[..., k:2 * k], qkv[..., 2 * k:2 * k + c]
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -101,8 +102,16 @@ class SemanticAttention(nn.Module):
                 attn = _attention(q.float(), k.float(), v.float()).to(v.dtype)
         else:
             attn = _attention(q, k, v)
+        if not self.training and eager_cpu_inference(x) and is_plain(self.mlp_res, nn.Linear):
+            # CPU inference: gamma folded into mlp_res, the residual add fused into its matmul
+            return q, linear(attn, *self._scaled_res(), residual=x)
         y = self.proj_drop(self.mlp_res(attn))
         return q, x + self.gamma * y
+
+    def _scaled_res(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        lin = self.mlp_res
+        return derived_tensor(self, "res", [lin.weight, lin.bias, self.gamma],
+                              lambda: (lin.weight * self.gamma, lin.bias * self.gamma))
 
 
 class SemanticLayer(nn.Module):
@@ -150,20 +159,27 @@ class SemanticLayer(nn.Module):
             prior, x = blk(x)
         return prior, x
 
-    def forward(self, x: torch.Tensor, hw: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """x: (B, H*W, C) tokens of an H x W map -> (prior logits (B, H*W, K), tokens (B, H*W, C))."""
+    def forward(
+        self, x: torch.Tensor, hw: Sequence[int], with_prior: bool = True
+    ) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
+        """x: (B, H*W, C) tokens of an H x W map -> (prior logits (B, H*W, K), or None without
+        ``with_prior``; tokens (B, H*W, C))."""
         x = self.norm1(x)
         if self.global_attn:
-            return self._attend(x)
+            prior, x = self._attend(x)
+            return (prior if with_prior else None), x
         b = x.shape[0]
         fwd, inv = window_index(hw[0], hw[1], self.window_size, 0, x.device)
         if not self.training and eager_cpu_inference(x):
-            prior, xw = self._attend_chunked(x, fwd)
+            prior, xw = self._attend_chunked(x, fwd, with_prior)
         else:
             prior, xw = self._attend(tokens_to_windows(x, fwd, self.window_size))
-        return windows_to_tokens(prior, inv, b), windows_to_tokens(xw, inv, b)
+        # (no prior: its un-windowing gather, a (B, H*W, K) map, is skipped)
+        return (windows_to_tokens(prior, inv, b) if with_prior else None), windows_to_tokens(xw, inv, b)
 
-    def _attend_chunked(self, x: torch.Tensor, fwd: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _attend_chunked(
+        self, x: torch.Tensor, fwd: torch.Tensor, with_prior: bool = True
+    ) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
         # CPU inference: the windows go through in cache-sized chunks (their (n, 2K + C) q/k/v never
         # reach DRAM); same values as the whole-tensor path
         b, length, c = x.shape
@@ -171,11 +187,13 @@ class SemanticLayer(nn.Module):
         nw = fwd.shape[0] // n
         x = F.pad(x, (0, 0, 0, 1)).view(-1, c)  # + the zero token that padded positions read, per image
         rows = batched_index(fwd, b, length + 1)
-        prior = x.new_empty(b * nw, n, self.num_classes)
+        prior = x.new_empty(b * nw, n, self.num_classes) if with_prior else None
         out = x.new_empty(b * nw, n, c)
         for w0, w1 in token_chunks(b * nw, n):
-            prior[w0:w1], out[w0:w1] = self._attend(x.index_select(0, rows[w0 * n:w1 * n]).view(w1 - w0, n, c))
-        return prior.view(b, nw * n, -1), out.view(b, nw * n, c)
+            p, out[w0:w1] = self._attend(x.index_select(0, rows[w0 * n:w1 * n]).view(w1 - w0, n, c))
+            if prior is not None:
+                prior[w0:w1] = p
+        return (None if prior is None else prior.view(b, nw * n, -1)), out.view(b, nw * n, c)
 
     def extra_repr(self) -> str:
         return "global" if self.global_attn else f"windowed, window_size={self.window_size}"
