@@ -74,6 +74,30 @@ def load_note() -> str:
     )
 
 
+def allocator_note() -> str:
+    """The malloc in use: glibc's, or tcmalloc / jemalloc when preloaded (``LD_PRELOAD=...``). On the
+    CPU it decides how much of a forward pass goes to page faults on freshly mapped memory."""
+    try:
+        with open("/proc/self/maps") as f:
+            maps = f.read()
+    except OSError:
+        return "allocator: unknown (no /proc/self/maps)"
+    for name in ("tcmalloc", "jemalloc", "mimalloc"):
+        if name in maps:
+            return f"allocator: {name} (preloaded)"
+    return "allocator: the system malloc"
+
+
+def minor_faults() -> int:
+    """Minor page faults of this process so far (0 where getrusage is unavailable)."""
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    except (ImportError, OSError):
+        return 0
+
+
 def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
     # (B, h, L, E) x (B, h, S, E) -> (B, h, L, S); (B, h, L, S) x (B, h, S, Ev)
     b, h, q_len, e = query_shape

@@ -2,13 +2,22 @@
 fp32 GEMM peak measured in the same run (issue #3 benchmark).
 
     python benchmarks/segmentor.py [--size 512] [--reps 10] [--threads 0] [--model semask_swin_tiny_fpn]
+
+The malloc matters on the CPU: glibc's returns every block over 32 MB (the 150x512x512 logits are
+157 MB) and the top of its heap to the kernel on free, so each call page-faults fresh memory back in.
+Compare with the allocator PyTorch's performance guide recommends for CPU inference:
+
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 python benchmarks/segmentor.py
 """
 from __future__ import annotations
 
 import torch
 
 import semask
-from _timing import bench_parser, count_flops, gemm_gflops, interleaved_medians, load_note, median_ms, setup_threads
+from _timing import (
+    allocator_note, bench_parser, count_flops, gemm_gflops, interleaved_medians, load_note, median_ms, minor_faults,
+    setup_threads,
+)
 
 
 def main() -> None:
@@ -30,6 +39,9 @@ def main() -> None:
         for _ in range(max(1, args.reps // 5)):
             peaks.append(gemm_gflops(sizes=(2048, 3072), reps=2))
             lat += interleaved_medians({"model": lambda: model(x)}, reps=5, warmup=1)["model"]
+        faults = minor_faults()
+        model(x)
+        faults = minor_faults() - faults
     peak = max(peaks)
     ms = median_ms(lat)
     achieved = gflop / (ms / 1e3)
@@ -38,6 +50,7 @@ def main() -> None:
     print(f"  latency: median {ms:.1f} ms over {len(lat)} runs (min {1e3 * min(lat):.1f} ms)")
     print(f"  fp32 GEMM peak (torch.mm 2048/3072, best): {peak:.1f} GFLOP/s")
     print(f"  achieved: {achieved:.1f} GFLOP/s = {100 * achieved / peak:.1f}% of GEMM peak (target >= 75%)")
+    print(f"  {allocator_note()}: {faults} minor page faults per call ({faults * 4 / 1024:.0f} MB)")
     print(f"  {load_note()}")
 
 

@@ -244,15 +244,22 @@ def test_fused_linear_keeps_autograd_and_autocast():
 
 
 def test_mlp_residual_matches_module(onednn):
-    from timm.layers import Mlp
+    from timm.layers import GluMlp, Mlp
 
     torch.manual_seed(0)
     x = torch.randn(2, 30, 16)
-    for mlp in [Mlp(16, 64).eval(), Mlp(16, 64, act_layer=torch.nn.ReLU).eval()]:  # fused / called as is
+    # fused / called as they are (another activation, a gated subclass, dropout active in training)
+    for mlp in [Mlp(16, 64).eval(), Mlp(16, 64, act_layer=torch.nn.ReLU).eval(), GluMlp(16, 64).eval(),
+                Mlp(16, 64, drop=0.5).train()]:
+        torch.manual_seed(1)
         with torch.no_grad():
-            torch.testing.assert_close(cpu.mlp_residual(mlp, x), x + mlp(x), **TOL)
-            h = x * 2
-            torch.testing.assert_close(cpu.mlp_residual(mlp, x, h), x + mlp(h), **TOL)
+            got = cpu.mlp_residual(mlp, x)
+            torch.manual_seed(1)
+            torch.testing.assert_close(got, x + mlp(x), **TOL)
+            if not mlp.training:
+                h = x * 2
+                torch.testing.assert_close(cpu.mlp_residual(mlp, x, h), x + mlp(h), **TOL)
+    mlp = Mlp(16, 64, act_layer=torch.nn.ReLU).eval()
     seen = []  # a module with hooks is called, so the hooks fire
     handle = mlp.fc1.register_forward_hook(lambda *a: seen.append(1))
     with torch.no_grad():

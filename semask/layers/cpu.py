@@ -17,6 +17,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import Mlp
 
 from .window import eager_cpu_inference
 
@@ -81,10 +82,10 @@ def linear_module(module: nn.Module, x: torch.Tensor, residual: Optional[torch.T
 
 
 def _fusable(mlp: nn.Module) -> bool:
-    # a plain timm Mlp (fc1 -> GELU -> fc2, no inner norm); anything else is called as it is
-    return (is_plain(mlp, type(mlp)) and is_plain(getattr(mlp, "fc1", None), nn.Linear)
-            and is_plain(getattr(mlp, "fc2", None), nn.Linear) and is_plain(getattr(mlp, "act", None), nn.GELU)
-            and is_plain(getattr(mlp, "norm", None), nn.Identity))
+    # exactly timm's Mlp in eval (fc1 -> GELU -> fc2, no inner norm); subclasses such as GluMlp, and
+    # anything else, are called as they are
+    return (is_plain(mlp, Mlp) and not mlp.training and is_plain(mlp.fc1, nn.Linear)
+            and is_plain(mlp.fc2, nn.Linear) and is_plain(mlp.act, nn.GELU) and is_plain(mlp.norm, nn.Identity))
 
 
 def mlp_residual(mlp: nn.Module, x: torch.Tensor, h: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -98,7 +99,7 @@ def mlp_residual(mlp: nn.Module, x: torch.Tensor, h: Optional[torch.Tensor] = No
 
 
 def _taps(scale: int) -> List[Tuple[int, float]]:
-    # output 2 pixels o = scale * i + r read source position i + t_r, t_r = (2r + 1 - scale) / (2 scale)
+    # output pixels o = scale * i + r read source position i + t_r, t_r = (2r + 1 - scale) / (2 scale)
     # (align_corners=False); with the input replicate-padded by 1, phase r is the lerp between padded
     # pixels i + a and i + a + 1 with weight w (a = 0 for t_r < 0, 1 otherwise); border clamping of
     # the source index is exactly the replicate padding

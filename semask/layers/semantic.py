@@ -89,7 +89,7 @@ class SemanticAttention(nn.Module):
             # batch == 1); wrapped / replaced projections: call them
             return lins[0](x), lins[1](x), lins[2](x)
         k, c = self.mlp_cls_q.out_features, self.mlp_v.out_features
-        qkv = F.linear(x, *self._fused_qkv())  # (MKL beats oneDNN at the 2K + C widths of stages 0-1)
+        qkv = linear(x, *self._fused_qkv())
         return qkv[..., :k], qkv[..., k:2 * k], qkv[..., 2 * k:2 * k + c]
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
