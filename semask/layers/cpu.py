@@ -69,8 +69,9 @@ def linear(
 
 def is_plain(module: Optional[nn.Module], cls: type) -> bool:
     # exactly ``cls`` and without hooks: replacing its call by the functional op changes nothing
+    glob = nn.modules.module
     return (type(module) is cls and not (module._forward_hooks or module._forward_pre_hooks)
-            and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks))
+            and not (getattr(glob, "_global_forward_hooks", None) or getattr(glob, "_global_forward_pre_hooks", None)))
 
 
 def linear_module(module: nn.Module, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -129,11 +130,10 @@ def upsample_bilinear(x: torch.Tensor, size: Sequence[int], align_corners: bool 
     False) run as separable two-tap lerps (per channel group in NCHW; channels-last maps stay
     channels-last); every other case calls ``F.interpolate``.
     """
-    if align_corners or x.ndim != 4 or not x.is_floating_point() or not eager_cpu_inference(x):
-        return F.interpolate(x, size=size, mode="bilinear", align_corners=align_corners)
-    size = (int(size[0]), int(size[1]))
-    scales = _integer_scales(x, size)
-    if scales is None or scales == (1, 1) or x.numel() == 0:
+    scales = None
+    if not align_corners and x.ndim == 4 and x.is_floating_point() and x.numel() and eager_cpu_inference(x):
+        scales = _integer_scales(x, (int(size[0]), int(size[1])))
+    if scales is None or scales == (1, 1):
         return F.interpolate(x, size=size, mode="bilinear", align_corners=align_corners)
     sh, sw = scales
     b, c, h, w = x.shape
