@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..layers._derived import derived_tensor
+from ..layers.cpu import upsample_bilinear
 from ..layers.window import is_traced
 
 __all__ = ["ConvBNReLU", "FPNHead", "SemanticDecoder", "upsample_sum"]
@@ -23,12 +24,12 @@ def _channels_last(x: torch.Tensor) -> torch.Tensor:
 
 
 def _resize_to(x: torch.Tensor, size: Sequence[int], align_corners: bool) -> torch.Tensor:
-    """Bilinear resize to ``size``; skipped when the size already matches (then an exact identity:
-    x2 steps reach the stride-4 size except on odd inputs). Always traced under export / compile, where
-    a size test would guard (and recompile) on the input size."""
+    """Bilinear resize to ``size`` (:func:`~semask.layers.cpu.upsample_bilinear`); skipped when the size
+    already matches (then an exact identity: x2 steps reach the stride-4 size except on odd inputs).
+    Always traced under export / compile, where a size test would guard (and recompile) on the size."""
     if not is_traced() and tuple(x.shape[-2:]) == tuple(size):
         return x
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=align_corners)
+    return upsample_bilinear(x, size, align_corners)
 
 
 class ConvBNReLU(nn.Module):
