@@ -205,12 +205,61 @@ def test_window_bias_built_once_per_size(tiny_swin_kwargs, monkeypatch):
     assert first == sum(tiny_swin_kwargs["depths"]) and len(built) == first
 
 
-@pytest.fixture(params=[True, False], ids=["onednn", "plain"])
+@pytest.fixture(params=[(True, True), (True, False), (False, False)], ids=["onednn-packed", "onednn", "plain"])
 def onednn(request, monkeypatch):
-    if request.param and not cpu._ONEDNN_LINEAR:
-        pytest.skip("this torch build has no oneDNN fused linear")
-    monkeypatch.setattr(cpu, "_ONEDNN_LINEAR", request.param)
-    return request.param
+    fused, packed = request.param
+    if fused and not cpu._ONEDNN_LINEAR or packed and not cpu._CAN_PACK:
+        pytest.skip("this torch build has no oneDNN fused linear / weight packing")
+    monkeypatch.setattr(cpu, "_ONEDNN_LINEAR", fused)
+    monkeypatch.setattr(cpu, "PACK_WEIGHTS", packed)
+    return fused
+
+
+def test_packed_weight_follows_the_weight_and_dies_with_it():
+    import gc
+
+    from semask.layers import _derived
+
+    if not cpu._CAN_PACK:
+        pytest.skip("this torch build has no oneDNN weight packing")
+    torch.manual_seed(0)
+    x, w = torch.randn(64, 24), torch.randn(32, 24)
+    slot = (id(w), "onednn")
+    with torch.no_grad():
+        torch.testing.assert_close(cpu.linear(x, w), F.linear(x, w), **TOL)
+        entry = _derived._CACHE[slot]
+        assert entry[0]() is w and entry[3].is_mkldnn  # the packed copy was used
+        w.mul_(-2)  # in place (an optimizer step, load_state_dict): the packed copy is rebuilt
+        torch.testing.assert_close(cpu.linear(x, w), F.linear(x, w), **TOL)
+        w.data = torch.randn(32, 24)  # replaced (what .to() does)
+        torch.testing.assert_close(cpu.linear(x, w), F.linear(x, w), **TOL)
+    assert _derived._CACHE[slot][3] is not entry[3]
+    entry = None
+    ref = _derived._CACHE[slot][0]
+    del w
+    gc.collect()
+    assert ref() is None and (slot not in _derived._CACHE or _derived._CACHE[slot][0] is not ref)
+
+
+def test_models_copy_and_pickle_without_their_inference_caches(tiny_swin_kwargs):
+    import copy
+    import io
+
+    torch.manual_seed(0)
+    model = semask.create_model("semask_swin_tiny_fpn", **tiny_swin_kwargs, fpn_channels=16).eval()
+    x = torch.randn(1, 3, 64, 64)
+    fresh = io.BytesIO()
+    torch.save(model, fresh)
+    with torch.no_grad():
+        ref = model(x).clone()  # fills the caches: packed weights, fused qkv, folded BN, window bias
+        clone = copy.deepcopy(model)
+        buf = io.BytesIO()
+        torch.save(model, buf)
+        assert buf.tell() == fresh.tell()  # the caches are not pickled
+        buf.seek(0)
+        restored = torch.load(buf, weights_only=False)
+        torch.testing.assert_close(clone(x), ref, atol=0, rtol=0)
+        torch.testing.assert_close(restored(x), ref, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("fusion", [{}, {"gelu": "none"}, {"gelu": "tanh"}, {"residual": True}])

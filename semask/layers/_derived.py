@@ -1,7 +1,13 @@
-"""Inference cache for tensors derived from parameters (fused or re-laid-out weights)."""
+"""Inference caches for tensors derived from parameters (fused or re-laid-out weights).
+
+The values live here, keyed by the identity of the object they belong to (held weakly: dropped with
+it), not on the modules or tensors themselves: copies and pickles of a model never carry them, and
+values that cannot be pickled (oneDNN's packed weights) are fine.
+"""
 from __future__ import annotations
 
-from typing import Callable, Sequence, TypeVar
+import weakref
+from typing import Any, Callable, Dict, Sequence, Tuple, TypeVar
 
 import torch
 import torch.nn as nn
@@ -10,21 +16,48 @@ from .window import is_traced
 
 T = TypeVar("T")
 
+# (id(anchor), name) -> (weak reference to anchor, key of the sources, sources, value)
+_CACHE: Dict[Tuple[int, str], Tuple[weakref.ref, tuple, tuple, Any]] = {}
+
+
+def _key(t: torch.Tensor) -> tuple:
+    # the same memory with the same contents: a moved, cast or replaced tensor changes the pointer,
+    # an in-place change (optimizer step, load_state_dict) moves the version counter (inference tensors
+    # have none: ours are derived weights, never changed in place)
+    return t.data_ptr(), -1 if t.is_inference() else t._version, t.dtype, t.device, t.shape, t.stride()
+
+
+def _cached(anchor: Any, name: str, sources: Sequence[torch.Tensor], held: tuple, build: Callable[[], T]) -> T:
+    slot = (id(anchor), name)
+    key = tuple(_key(t) for t in sources)
+    entry = _CACHE.get(slot)
+    if entry is not None and entry[0]() is anchor and entry[1] == key:
+        return entry[3]
+    value = build()
+
+    def drop(ref: weakref.ref) -> None:
+        current = _CACHE.get(slot)
+        if current is not None and current[0] is ref:  # not the entry of a newer object with that id
+            del _CACHE[slot]
+
+    _CACHE[slot] = (weakref.ref(anchor, drop), key, held, value)
+    return value
+
 
 def derived_tensor(owner: nn.Module, name: str, sources: Sequence[torch.Tensor], build: Callable[[], T]) -> T:
-    """``build()``, cached on ``owner`` while autograd is off (inference), rebuilt whenever a source
+    """``build()``, cached for ``owner`` while autograd is off (inference), rebuilt whenever a source
     tensor is replaced, moved, cast or changed in place (its version counter moves). With autograd on,
     or under torch.compile / export / jit tracing, it is built on every call so gradients flow and the
     ops enter the graph."""
     if torch.is_grad_enabled() or is_traced():
         return build()
-    key = tuple((t.data_ptr(), t._version, t.dtype, t.device, t.shape, t.stride()) for t in sources)
-    cached = owner.__dict__.get("_derived_" + name)
     # the sources are held with the value, so their memory stays allocated: a tensor matching the key
     # is the same memory (the same tensor, or a fresh view of it, e.g. a cached mask's unsqueeze), and
     # views share the version counter that in-place changes move
-    if cached is not None and cached[0] == key:
-        return cached[2]
-    value = build()
-    owner.__dict__["_derived_" + name] = (key, tuple(sources), value)
-    return value
+    return _cached(owner, name, sources, tuple(sources), build)
+
+
+def tensor_derived(source: torch.Tensor, name: str, build: Callable[[], T]) -> T:
+    """``build()`` for an inference-only value derived from ``source`` alone, cached while ``source``
+    lives and is unchanged (same rules as :func:`derived_tensor`), dropped with it."""
+    return _cached(source, name, (source,), (), build)

@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Mlp
 
+from ._derived import tensor_derived
 from .window import eager_cpu_inference
 
 __all__ = ["ReusableOutput", "is_plain", "linear", "linear_module", "mlp_residual", "upsample_bilinear"]
@@ -37,6 +38,13 @@ def _has_onednn_linear() -> bool:
 
 
 _ONEDNN_LINEAR = _has_onednn_linear()
+_CAN_PACK = _ONEDNN_LINEAR and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+#: Eager CPU inference keeps a copy of each linear weight in oneDNN's blocked layout (built on first
+#: use, rebuilt when the weight changes, freed with it): the matmuls skip re-packing the weight on
+#: every call (Swin-T FPN 3-5% faster on a 2-core CPU) for a second copy of the linear weights in
+#: memory (~110 MB for Swin-T, ~0.8 GB for Swin-L). ``False`` trades the speed back for the memory.
+PACK_WEIGHTS = True
 
 
 def _autocast_cpu() -> bool:
@@ -61,6 +69,8 @@ def linear(
     if gelu is not None and residual is not None:
         raise ValueError("linear fuses either gelu or residual, not both")
     if _onednn(x, weight):
+        if PACK_WEIGHTS and _CAN_PACK:
+            weight = tensor_derived(weight, "onednn", lambda: torch.ops.mkldnn._reorder_linear_weight(weight))
         if residual is not None:
             return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
         if gelu is not None:
