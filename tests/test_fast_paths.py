@@ -241,6 +241,23 @@ def test_packed_weight_follows_the_weight_and_dies_with_it():
     assert ref() is None and (slot not in _derived._CACHE or _derived._CACHE[slot][0] is not ref)
 
 
+def test_weight_packing_can_be_switched_off(monkeypatch):
+    from semask.layers import _derived, set_weight_packing
+
+    if not cpu._CAN_PACK:
+        pytest.skip("this torch build has no oneDNN weight packing")
+    monkeypatch.setattr(cpu, "PACK_WEIGHTS", True)  # restored after the test
+    x, w = torch.randn(64, 24), torch.randn(32, 24)
+    slot = (id(w), "onednn")
+    with torch.no_grad():
+        cpu.linear(x, w)
+        assert slot in _derived._CACHE
+        set_weight_packing(False)
+        assert slot not in _derived._CACHE  # the copies are freed
+        torch.testing.assert_close(cpu.linear(x, w), F.linear(x, w), **TOL)
+        assert slot not in _derived._CACHE
+
+
 def test_models_copy_and_pickle_without_their_inference_caches(tiny_swin_kwargs):
     import copy
     import io

@@ -1,4 +1,5 @@
 """Reusable SeMask building blocks."""
+from .cpu import ReusableOutput, set_weight_packing
 from .semantic import SemanticAttention, SemanticLayer
 from .window import (
     batched_index,
@@ -18,6 +19,7 @@ from .window import (
 )
 
 __all__ = [
+    "ReusableOutput",
     "SemanticAttention",
     "SemanticLayer",
     "batched_index",
@@ -27,6 +29,7 @@ __all__ = [
     "merge_index",
     "pad_to_multiple",
     "padded_size",
+    "set_weight_packing",
     "shifted_window_mask",
     "token_chunks",
     "tokens_to_windows",

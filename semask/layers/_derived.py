@@ -61,3 +61,9 @@ def tensor_derived(source: torch.Tensor, name: str, build: Callable[[], T]) -> T
     """``build()`` for an inference-only value derived from ``source`` alone, cached while ``source``
     lives and is unchanged (same rules as :func:`derived_tensor`), dropped with it."""
     return _cached(source, name, (source,), (), build)
+
+
+def drop_derived(name: str) -> None:
+    """Free every cached value called ``name``."""
+    for slot in [slot for slot in _CACHE if slot[1] == name]:
+        _CACHE.pop(slot, None)

@@ -24,10 +24,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Mlp
 
-from ._derived import tensor_derived
+from ._derived import drop_derived, tensor_derived
 from .window import eager_cpu_inference
 
-__all__ = ["ReusableOutput", "is_plain", "linear", "linear_module", "mlp_residual", "upsample_bilinear"]
+__all__ = [
+    "ReusableOutput", "is_plain", "linear", "linear_module", "mlp_residual", "set_weight_packing", "upsample_bilinear",
+]
 
 
 def _has_onednn_linear() -> bool:
@@ -40,11 +42,19 @@ def _has_onednn_linear() -> bool:
 _ONEDNN_LINEAR = _has_onednn_linear()
 _CAN_PACK = _ONEDNN_LINEAR and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
-#: Eager CPU inference keeps a copy of each linear weight in oneDNN's blocked layout (built on first
-#: use, rebuilt when the weight changes, freed with it): the matmuls skip re-packing the weight on
-#: every call (Swin-T FPN 3-5% faster on a 2-core CPU) for a second copy of the linear weights in
-#: memory (~110 MB for Swin-T, ~0.8 GB for Swin-L). ``False`` trades the speed back for the memory.
-PACK_WEIGHTS = True
+PACK_WEIGHTS = True  # see set_weight_packing
+
+
+def set_weight_packing(enabled: bool) -> None:
+    """Whether eager CPU inference keeps a copy of each linear weight in oneDNN's blocked layout (on
+    by default; built on first use, rebuilt when the weight changes, freed with it). The matmuls then
+    skip re-packing the weight in every call (Swin-T FPN 3-5% faster on a 2-core CPU), for a second
+    copy of the linear weights in memory (118 MB for Swin-T, 0.8 GB for Swin-L). ``False`` frees the
+    copies and trades the speed back for the memory."""
+    global PACK_WEIGHTS
+    PACK_WEIGHTS = bool(enabled)
+    if not enabled:
+        drop_derived("onednn")
 
 
 def _autocast_cpu() -> bool:
