@@ -3,9 +3,10 @@ fp32 GEMM peak measured in the same run (issue #3 benchmark).
 
     python benchmarks/segmentor.py [--size 512] [--reps 10] [--threads 0] [--model semask_swin_tiny_fpn]
 
-The malloc matters on the CPU: glibc's maps every block over 32 MB freshly (the 150x512x512 logits are
-157 MB) and returns freed memory to the kernel, so each call page-faults fresh memory back in.
-Compare with the allocator PyTorch's performance guide recommends for CPU inference:
+The malloc matters on the CPU: glibc's maps every block over 32 MB freshly and returns freed memory to
+the kernel, so fresh memory is page-faulted back in on every call. The segmentor reuses its 157 MB
+logits buffer once the previous result is dropped (``model.reuse_output``); the printed fault count
+is what is left. Compare with the allocator PyTorch's performance guide recommends for CPU inference:
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 python benchmarks/segmentor.py
 """
