@@ -406,3 +406,18 @@ def test_segmentor_logits_do_not_depend_on_priors(tiny_swin_kwargs, monkeypatch)
         ref = model.forward_all(x)["logits"]
     assert seen == [False, True]
     torch.testing.assert_close(logits, ref, atol=0, rtol=0)
+
+
+def test_model_built_under_inference_mode_follows_in_place_reloads(tiny_swin_kwargs):
+    # its parameters are inference tensors (no version counter): the inference caches must not serve
+    # fused / packed / folded weights of the old values after load_state_dict
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        model = semask.create_model("semask_swin_tiny_fpn", **tiny_swin_kwargs, fpn_channels=16).eval()
+        model(x)
+        sd = {k: v * 1.5 + 0.01 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+        model.load_state_dict(sd)
+        got = model(x)
+        fresh = semask.create_model("semask_swin_tiny_fpn", **tiny_swin_kwargs, fpn_channels=16).eval()
+        fresh.load_state_dict(sd)
+        torch.testing.assert_close(got, fresh(x), **TOL)

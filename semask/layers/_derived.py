@@ -23,11 +23,14 @@ _CACHE: Dict[Tuple[int, str], Tuple[weakref.ref, tuple, tuple, Any]] = {}
 def _key(t: torch.Tensor) -> tuple:
     # the same memory with the same contents: a moved, cast or replaced tensor changes the pointer,
     # an in-place change (optimizer step, load_state_dict) moves the version counter (inference tensors
-    # have none: ours are derived weights, never changed in place)
+    # have none: only our own derived weights get here, never changed in place)
     return t.data_ptr(), -1 if t.is_inference() else t._version, t.dtype, t.device, t.shape, t.stride()
 
 
 def _cached(anchor: Any, name: str, sources: Sequence[torch.Tensor], held: tuple, build: Callable[[], T]) -> T:
+    if any(t.is_inference() and isinstance(t, nn.Parameter) for t in sources):
+        # parameters of a model built under inference_mode: an in-place reload would go unnoticed
+        return build()
     slot = (id(anchor), name)
     key = tuple(_key(t) for t in sources)
     entry = _CACHE.get(slot)
