@@ -148,6 +148,10 @@ def _integer_scales(x: torch.Tensor, size: Sequence[int]) -> Optional[Tuple[int,
 _GROUP = 16
 
 
+# the reference counts below are exact on the GIL build of CPython (free-threaded builds defer them)
+_CAN_REUSE = hasattr(torch._C, "_storage_Use_Count") and getattr(sys, "_is_gil_enabled", lambda: True)()
+
+
 class ReusableOutput:
     """A (B, C, H, W) output buffer handed out again once nothing outside holds it.
 
@@ -179,7 +183,7 @@ class ReusableOutput:
     ) -> torch.Tensor:
         """Uninitialised tensor like ``torch.empty(shape, dtype=, device=, memory_format=)``."""
         shape = torch.Size(shape)
-        if math.prod(shape) * dtype.itemsize > self.max_bytes or not hasattr(torch._C, "_storage_Use_Count"):
+        if math.prod(shape) * dtype.itemsize > self.max_bytes or not _CAN_REUSE:
             return torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
         inference = torch.is_inference_mode_enabled()
         with self._lock:
