@@ -48,7 +48,7 @@ PACK_WEIGHTS = True  # see set_weight_packing
 def set_weight_packing(enabled: bool) -> None:
     """Whether eager CPU inference keeps a copy of each linear weight in oneDNN's blocked layout (on
     by default; built on first use, rebuilt when the weight changes, freed with it). The matmuls then
-    skip re-packing the weight in every call (Swin-T FPN 3-5% faster on a 2-core CPU), for a second
+    skip re-packing the weight in every call (Swin-T FPN 2.5-5% faster on a 2-core CPU), for a second
     copy of the linear weights in memory (118 MB for Swin-T, 0.8 GB for Swin-L). ``False`` frees the
     copies and trades the speed back for the memory."""
     global PACK_WEIGHTS
@@ -161,9 +161,9 @@ class ReusableOutput:
     to its memory any more (no tensor or view: the storage's reference count; no storage object: its
     Python reference count; numpy arrays and DLPack capsules hold a tensor) and it was not moved to
     shared memory (another process may read it), checked under a lock so that concurrent callers get
-    distinct buffers; otherwise a fresh tensor that becomes the kept one.
-    A result the caller still holds is never overwritten. At most one buffer of at most
-    :attr:`max_bytes` is kept; copies and pickles of the owner start without one.
+    distinct buffers; otherwise a fresh tensor that becomes the kept one. A result the caller still
+    holds is never overwritten. At most one buffer of at most :attr:`max_bytes` is kept; copies and
+    pickles of the owner start without one.
     """
 
     max_bytes = 512 << 20
