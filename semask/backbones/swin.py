@@ -1,9 +1,10 @@
 """SeMask Swin Transformer backbone, faithful to the official (mmseg) code.
 
-Differences from timm's Swin that a checkpoint-compatible port must keep (spec section 1.3, 8):
-the block pads *after* LN1 and rolls *after* padding, the SW-MSA mask uses -100 and is applied even
-when the map is smaller than the window, PatchMerging concatenates (0,0), (1,0), (0,1), (1,1), and a
-semantic layer (windowed or global per stage) follows every stage.
+Differences from timm's Swin that a checkpoint-compatible port must keep: the block zero-pads the map
+*after* LN1 and rolls *after* padding (so padded zeros move with the shift), the SW-MSA mask uses -100
+and is applied even when the map is no larger than the window, PatchMerging concatenates the 2x2
+neighbours in the order (0,0), (1,0), (0,1), (1,1), and a semantic layer (windowed or global per
+stage) follows every stage.
 
 Module and parameter names follow the official code, so official checkpoints map 1:1 (the only
 difference: ``relative_position_index`` is a non-persistent buffer here).
@@ -16,37 +17,35 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from einops import rearrange
 from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import build_model_with_cfg
 
 from ..layers import (
-    SemanticLayer, batched_index, cached_shifted_window_mask, eager_cpu_inference, gather_rows, merge_index,
-    token_chunks, tokens_to_windows, window_index, windows_to_tokens,
+    SemanticLayer, merge_index, padded_size, shifted_window_mask, tokens_to_windows, window_index, windows_to_tokens,
 )
-from ..layers._derived import derived_tensor
-from ..layers.cpu import linear_module, mlp_residual
 from timm.models import generate_default_cfgs, register_model as timm_register_model
 
 from ..models._registry import register_model
 from ._base import SemanticFeaturesMixin, check_image_input, normalize_out_indices, per_stage_flags, per_stage_ints
 
-__all__ = ["SeMaskSwinTransformer", "SwinBlock", "SwinStage", "PatchMerging", "PatchEmbed"]
+__all__ = ["SeMaskSwinTransformer", "SwinBlock", "SwinStage", "PatchMerging", "PatchEmbed", "WindowAttention"]
 
 
-def _relative_position_index(window: int) -> torch.Tensor:
+def relative_position_index(window: int) -> torch.Tensor:
+    """(N, N) index into the (2w-1)^2 relative-position bias table for the N = w*w tokens of a window."""
     coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
     rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)
-    return rel[..., 0] * (2 * window - 1) + rel[..., 1]  # (N, N)
+    return rel[..., 0] * (2 * window - 1) + rel[..., 1]
 
 
-def _nchw(tokens: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
-    """(B, H*W, C) tokens -> (B, C, H, W) view (channels-last strides)."""
-    return tokens.reshape(tokens.shape[0], hw[0], hw[1], tokens.shape[2]).permute(0, 3, 1, 2)
+def tokens_to_map(tokens: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
+    """(B, H*W, C) tokens -> contiguous (B, C, H, W) map."""
+    return rearrange(tokens, "b (h w) c -> b c h w", h=hw[0], w=hw[1]).contiguous()
 
 
 class WindowAttention(nn.Module):
-    """Window multi-head self-attention with a relative-position bias, on ``F.scaled_dot_product_attention``
-    (batched matmul-softmax in CPU inference and export)."""
+    """Window multi-head self-attention with a relative-position bias."""
 
     def __init__(
         self, dim: int, window_size: int, num_heads: int, qkv_bias: bool = True,
@@ -59,7 +58,7 @@ class WindowAttention(nn.Module):
         head_dim = dim // num_heads
         self.scale = qk_scale or head_dim ** -0.5
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
-        self.register_buffer("relative_position_index", _relative_position_index(window_size), persistent=False)
+        self.register_buffer("relative_position_index", relative_position_index(window_size), persistent=False)
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
@@ -72,43 +71,18 @@ class WindowAttention(nn.Module):
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
         return bias.view(n, n, -1).permute(2, 0, 1)
 
-    def window_bias(self, mask: Optional[torch.Tensor], batch: int, windows: int) -> torch.Tensor:
-        """Additive attention bias: relative-position bias (+ shift mask) as a 4-D mask.
-
-        mask: (nW, 1, N, N) or None; returns (windows, h, N, N) for ``windows = B * nW`` (a view
-        where possible) or (1, h, N, N) without a mask.
-        """
-        def build() -> torch.Tensor:
-            bias = self.relative_position_bias().unsqueeze(0)  # (1, h, N, N)
-            return bias if mask is None else bias + mask  # (nW, h, N, N)
-
-        # inference: built once per input size, not in every block call
-        table = self.relative_position_bias_table
-        bias = derived_tensor(self, "bias", [table] if mask is None else [table, mask], build)
-        if mask is None:
-            return bias
-        h, n = self.num_heads, bias.shape[-1]  # windows are batch-major
-        if type(batch) is int and type(bias.shape[0]) is int:
-            return bias.unsqueeze(0).expand(batch, -1, -1, -1, -1).reshape(windows, h, n, n)  # a view if B == 1
-        # symbolic sizes (export): reshape's view-or-copy choice would guard on B == 1 / nW == 1
-        return bias.repeat(batch, 1, 1, 1)
-
-    def attend(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """x: (B*nW, N, C) windows, bias from :meth:`window_bias` -> (B*nW, N, heads, C/heads) attention
-        output (a view; its heads flatten to C) *before* ``proj``: the caller projects after
-        un-windowing, so padded tokens are never projected."""
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: (B*nW, N, C) windows (batch-major); mask: (nW, N, N) additive shift mask or None -> (B*nW, N, C)."""
         bw, n, c = x.shape
-        h = self.num_heads
-        fast = not self.training and eager_cpu_inference(x)
-        qkv = linear_module(self.qkv, x) if fast else self.qkv(x)
-        # (B*nW, h, N, hd) strided views of the qkv output: no copies before the attention kernel
-        q, k, v = qkv.view(bw, n, 3, h, c // h).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads).unbind(0)
+        bias = self.relative_position_bias().unsqueeze(0)  # (1, h, N, N)
+        if mask is not None:
+            # (B*nW, h, N, N): every image of the batch gets the same per-window masks
+            bias = (bias + mask.unsqueeze(1)).repeat(bw // mask.shape[0], 1, 1, 1)
         bias = bias.to(q.dtype)
-        if fast or torch.compiler.is_exporting():
-            # plain matmul-softmax. Export: exporters decompose SDPA into ops whose output layout
-            # differs from the fused kernel's, which breaks the views recorded at trace time (ONNX).
-            # CPU inference on window chunks: batched GEMMs beat the fused CPU kernel 1.2-1.5x at
-            # 49-token windows (the per-head copies they need stay in cache)
+        if torch.compiler.is_exporting():
+            # plain matmul-softmax: exporters decompose SDPA into ops whose output layout differs from
+            # the fused kernel's, which breaks the views recorded at trace time (ONNX)
             out = torch.matmul((torch.matmul(q * self.scale, k.transpose(-2, -1)) + bias).softmax(-1), v)
         else:
             # a 4-D mask keeps SDPA on its fused CPU/GPU kernels (a 3-D one falls back to the math path)
@@ -116,12 +90,7 @@ class WindowAttention(nn.Module):
                 q, k, v, attn_mask=bias.expand(bw, -1, -1, -1),
                 dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale,
             )
-        return out.transpose(1, 2)
-
-    def forward(self, x: torch.Tensor, batch: int, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """x: (B*nW, N, C) windows; mask: (nW, 1, N, N) additive shift mask or None -> (B*nW, N, C)."""
-        out = self.attend(x, self.window_bias(mask, batch, x.shape[0])).flatten(2)
-        return self.proj_drop(self.proj(out))
+        return self.proj_drop(self.proj(rearrange(out, "b h n d -> b n (h d)")))
 
 
 class SwinBlock(nn.Module):
@@ -142,58 +111,19 @@ class SwinBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
 
     def forward(
-        self, x: torch.Tensor, hw: Tuple[int, int], mask: Optional[torch.Tensor],
+        self, x: torch.Tensor, hw: Tuple[int, int], mask: Optional[torch.Tensor] = None,
         index: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     ) -> torch.Tensor:
-        """x: (B, H*W, C); mask: the stage's (nW, 1, N, N) shift mask (used by shifted blocks only);
+        """x: (B, H*W, C); mask: the stage's (nW, N, N) shift mask (used by shifted blocks only);
         index: this block's :func:`~semask.layers.window_index` (computed when None)."""
-        b = x.shape[0]
         ws, s = self.window_size, self.shift_size
         fwd, inv = index if index is not None else window_index(hw[0], hw[1], ws, s, x.device)
-        mask = mask if s else None
-        if not self.training and eager_cpu_inference(x):
-            return self._forward_chunked(x, mask, fwd, inv)
-        # official order: LN1, zero-pad, roll, partition; here one gather does pad + roll + partition
-        xw = tokens_to_windows(self.norm1(x), fwd, ws)
-        y = self.attn.attend(xw, self.attn.window_bias(mask, b, xw.shape[0])).flatten(2)
-        # un-window before the output projection: the padded tokens are dropped, never projected
-        x = x + self.drop_path(self.attn.proj_drop(self.attn.proj(windows_to_tokens(y, inv, b))))
+        # official order: LN1, zero-pad bottom/right, roll by -shift, partition; one gather does the
+        # last three (and one gather undoes them: reverse, roll back, crop)
+        windows = tokens_to_windows(self.norm1(x), fwd, ws)
+        windows = self.attn(windows, mask if s else None)
+        x = x + self.drop_path(windows_to_tokens(windows, inv, x.shape[0]))
         return x + self.drop_path(self.mlp(self.norm2(x)))
-
-    def _forward_chunked(
-        self, x: torch.Tensor, mask: Optional[torch.Tensor], fwd: torch.Tensor, inv: torch.Tensor
-    ) -> torch.Tensor:
-        """Inference on the CPU, same values as the whole-tensor path: the windows, then the tokens,
-        of the whole batch go through in cache-sized chunks (window q/k/v and the 4C-wide MLP hidden
-        never reach DRAM)."""
-        b, length, c = x.shape
-        n = self.window_size ** 2
-        nw = fwd.shape[0] // n
-        attn = self.attn
-        # + the zero token that padded positions read, per image; batch flattened into rows
-        xn = F.pad(self.norm1(x), (0, 0, 0, 1)).view(-1, c)
-        rows = batched_index(fwd, b, length + 1)
-        bias = attn.window_bias(mask, 1, nw)
-        y = x.new_empty(b * nw, n, attn.num_heads, c // attn.num_heads)
-        for w0, w1 in token_chunks(b * nw, n):
-            xw = xn.index_select(0, rows[w0 * n:w1 * n]).view(w1 - w0, n, c)
-            y[w0:w1] = attn.attend(xw, bias if mask is None else _windows_of(bias, w0, w1))
-        y = y.view(-1, c)
-        rows = batched_index(inv, b, nw * n)
-        x = x.reshape(-1, c)
-        out = torch.empty_like(x)
-        for t0, t1 in token_chunks(b * length):
-            xc = linear_module(attn.proj, y.index_select(0, rows[t0:t1]), residual=x[t0:t1])
-            out[t0:t1] = mlp_residual(self.mlp, xc, self.norm2(xc))
-        return out.view(b, length, c)
-
-
-def _windows_of(per_window: torch.Tensor, w0: int, w1: int) -> torch.Tensor:
-    """Rows ``w0..w1`` of a batch-major window sequence from a per-image ``(nW, ...)`` tensor."""
-    nw = per_window.shape[0]
-    if w0 // nw == (w1 - 1) // nw:  # within one image: a view
-        return per_window[w0 % nw:w0 % nw + (w1 - w0)]
-    return per_window.index_select(0, torch.arange(w0, w1, device=per_window.device) % nw)
 
 
 class PatchMerging(nn.Module):
@@ -207,10 +137,10 @@ class PatchMerging(nn.Module):
     def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
         """(B, H*W, C) -> (B, ceil(H/2)*ceil(W/2), 2C)."""
         b, _, c = x.shape
-        # one gather (zero token for odd sizes) -> per output token the 4 neighbours in the official
-        # channel order (r0,c0), (r1,c0), (r0,c1), (r1,c1)
-        x = gather_rows(F.pad(x, (0, 0, 0, 1)), merge_index(hw[0], hw[1], x.device)).view(b, -1, 4 * c)
-        return linear_module(self.reduction, self.norm(x))
+        # one gather (a zero token for odd sizes) -> per output token its 4 neighbours, concatenated
+        # in the official channel order (r0,c0), (r1,c0), (r0,c1), (r1,c1): row offset first
+        x = F.pad(x, (0, 0, 0, 1)).index_select(1, merge_index(hw[0], hw[1], x.device))
+        return self.reduction(self.norm(x.view(b, -1, 4 * c)))
 
 
 class PatchEmbed(nn.Module):
@@ -227,11 +157,7 @@ class PatchEmbed(nn.Module):
         p = self.patch_size
         # a constant p - 1 zero pad gives the same ceil(H/p) x ceil(W/p) patches as padding to a multiple
         # of p (the extra zeros fall outside every patch), without size-dependent pad amounts
-        x = F.pad(x, (0, p - 1, 0, p - 1))
-        if eager_cpu_inference(x):
-            # an NHWC conv output: the LayerNorm and the token view that follow need no transposing copy
-            x = x.contiguous(memory_format=torch.channels_last)
-        x = self.proj(x)
+        x = self.proj(F.pad(x, (0, p - 1, 0, p - 1)))
         if self.norm is not None:
             x = self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         return x
@@ -240,8 +166,8 @@ class PatchEmbed(nn.Module):
 class SwinStage(nn.Module):
     """Swin blocks, then the stage's semantic layer, then (except the last stage) patch merging.
 
-    Named ``layers.{i}`` like the official ``BasicLayer``. The SW-MSA mask is built once per input
-    size and cached (masks are tiny; relative-position biases are gathered once per block call).
+    Named ``layers.{i}`` like the official ``BasicLayer``. The SW-MSA mask and the window gather
+    indices are built once per forward and shared by the stage's blocks.
     """
 
     def __init__(
@@ -266,8 +192,9 @@ class SwinStage(nn.Module):
         self.downsample = PatchMerging(dim) if downsample else None
 
     def shift_mask(self, h: int, w: int, device: torch.device) -> torch.Tensor:
-        """(nW, 1, N, N) additive mask for an h x w stage map (cached per size and device)."""
-        return cached_shifted_window_mask(h, w, self.window_size, self.shift_size, device).unsqueeze(1)
+        """(nW, N, N) additive mask of the shifted blocks for an h x w stage map."""
+        ws = self.window_size
+        return shifted_window_mask(padded_size(h, ws), padded_size(w, ws), ws, self.shift_size, device)
 
     def forward(
         self, x: torch.Tensor, hw: Tuple[int, int], with_prior: bool = True
@@ -294,12 +221,10 @@ class SeMaskSwinTransformer(SemanticFeaturesMixin, nn.Module):
     """SeMask Swin Transformer: Swin stages, each followed by a semantic layer.
 
     ``forward(x)`` takes images ``(B, in_chans, H, W)`` (any size, down to 1x1) and returns
-    ``(features, priors)``: lists with one NCHW tensor per index in ``out_indices`` (views of the
-    token maps, channels-last strides); features of stage i have ``embed_dim * 2**i`` channels at
+    ``(features, priors)``: lists with one contiguous NCHW tensor per index in ``out_indices``; features of stage i have ``embed_dim * 2**i`` channels at
     stride ``4 * 2**i`` (sizes rounded up), priors have ``num_classes`` channels (raw logits, no
     softmax). With ``semantic_layers=False`` the semantic layers are absent (plain Swin with
-    per-output norms) and ``priors`` is empty. Eager CPU inference runs cache-blocked chunks of
-    windows and tokens (same values as the whole-tensor path of training, GPUs and export).
+    per-output norms) and ``priors`` is empty.
 
     Args:
         num_classes: classes K of the semantic layers.
@@ -466,11 +391,9 @@ class SeMaskSwinTransformer(SemanticFeaturesMixin, nn.Module):
         for i, stage in enumerate(self.layers):
             out, prior, x, next_hw = stage(x, hw, with_priors and i in self.out_indices)
             if i in self.out_indices:
-                # NCHW views of the token maps (channels-last strides, as timm's NHWC models return
-                # them): no transposing copy, and the decoders' NHWC convs take them as they are
-                feats.append(_nchw(getattr(self, f"norm{i}")(out), hw))
+                feats.append(tokens_to_map(getattr(self, f"norm{i}")(out), hw))
                 if prior is not None:
-                    priors.append(_nchw(prior, hw))
+                    priors.append(tokens_to_map(prior, hw))
             if i == last:
                 break
             hw = next_hw
@@ -489,7 +412,7 @@ def _timm_cfg(**kwargs) -> dict:
 
 
 # The per-stage windowed/global default is the pattern of the official ADE20K FPN checkpoint of
-# each size (spec section 1.4): T/S/L use W W G G, B uses W W W W.
+# each size: T/S/L use W W G G, B uses W W W W.
 _SWIN_ARCHS = {
     "semask_swin_tiny": dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7,
                              sem_global=(False, False, True, True)),

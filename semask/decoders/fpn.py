@@ -1,35 +1,21 @@
 """Semantic-FPN decode head (mmseg ``FPNHead`` as used by SeMask's ``BranchFPNHead``) and the
-parameter-free light semantic decoder that sums the upsampled prior maps (spec section 2)."""
+parameter-free light semantic decoder that sums the upsampled prior maps."""
 from __future__ import annotations
 
 import math
-from typing import List, Sequence, Tuple
+from typing import List, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..layers._derived import derived_tensor
-from ..layers.cpu import upsample_bilinear
-from ..layers.window import is_traced
-
 __all__ = ["ConvBNReLU", "FPNHead", "SemanticDecoder", "upsample_sum"]
 
 
-def _channels_last(x: torch.Tensor) -> torch.Tensor:
-    # a pure layout choice; under torch.export NCHW instead: the layout of a symbolic batch of 1 is
-    # ambiguous (the conv meta function would guard on batch > 1) and ONNX has no layouts anyway
-    fmt = torch.contiguous_format if torch.compiler.is_exporting() else torch.channels_last
-    return x.contiguous(memory_format=fmt)
-
-
 def _resize_to(x: torch.Tensor, size: Sequence[int], align_corners: bool) -> torch.Tensor:
-    """Bilinear resize to ``size`` (:func:`~semask.layers.cpu.upsample_bilinear`); skipped when the size
-    already matches (then an exact identity: x2 steps reach the stride-4 size except on odd inputs).
-    Always traced under export / compile, where a size test would guard (and recompile) on the size."""
-    if not is_traced() and tuple(x.shape[-2:]) == tuple(size):
-        return x
-    return upsample_bilinear(x, size, align_corners)
+    """Bilinear resize to ``size`` (mmseg's ``resize``: always interpolates; at the same size and
+    align_corners False that is an exact copy)."""
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=align_corners)
 
 
 class ConvBNReLU(nn.Module):
@@ -43,33 +29,8 @@ class ConvBNReLU(nn.Module):
         nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, cin, H, W) -> (B, cout, H, W), channels-last strided (the fast layout on CPU and GPU)."""
-        # a channels-last weight makes oneDNN/cuDNN keep NHWC end to end (the upsampling that follows
-        # is ~4x faster in NHWC on CPU); the stored parameter stays contiguous
-        x = _channels_last(x)
-        bn = self.bn
-        if not bn.training and type(bn) is nn.BatchNorm2d and bn.track_running_stats:
-            # eval: BatchNorm folded into the conv (one pass less over the map), weights cached
-            w, b = derived_tensor(self, "folded", [self.conv.weight, bn.weight, bn.bias, bn.running_mean,
-                                                   bn.running_var], self._folded)
-            return self.act(F.conv2d(x, w, b, self.conv.stride, self.conv.padding))
-        w = _channels_last(self.conv.weight)
-        return self.act(bn(F.conv2d(x, w, None, self.conv.stride, self.conv.padding)))
-
-    def _folded(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        bn = self.bn
-        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-        w = _channels_last(self.conv.weight * scale[:, None, None, None])
-        return w, bn.bias - bn.running_mean * scale
-
-
-def _up2(x: torch.Tensor) -> torch.Tensor:
-    return F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
-
-
-class _Up2(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _up2(x)
+        """(B, cin, H, W) -> (B, cout, H, W)."""
+        return self.act(self.bn(self.conv(x)))
 
 
 class FPNHead(nn.Module):
@@ -102,7 +63,7 @@ class FPNHead(nn.Module):
             for j in range(n):
                 layers.append(ConvBNReLU(cin if j == 0 else channels, channels))
                 if stride != feature_strides[0]:
-                    layers.append(_Up2())
+                    layers.append(nn.Upsample(scale_factor=2.0, mode="bilinear", align_corners=False))
             self.scale_heads.append(nn.Sequential(*layers))
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
         self.conv_seg = nn.Conv2d(channels, num_classes, 1)
@@ -112,31 +73,9 @@ class FPNHead(nn.Module):
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         out = self.scale_heads[0](features[0])
         size = out.shape[-2:]
-        if torch.is_grad_enabled() or is_traced():
-            for head, f in zip(self.scale_heads[1:], features[1:]):
-                out = out + _resize_to(head(f), size, align_corners=False)
-        else:
-            # inference: the levels > 0 end with a x2 upsampling; interpolation is linear, so levels
-            # of equal size before it are summed first and upsampled once (one pass over the stride-4
-            # map instead of three), and everything accumulates in place
-            pending: dict = {}
-            for head, f in zip(self.scale_heads[1:], features[1:]):
-                up = isinstance(head[-1], _Up2)
-                y = head[:-1](f) if up else head(f)
-                key = (up, tuple(y.shape))
-                pending[key] = pending[key].add_(y) if key in pending else y
-            for (up, _), y in pending.items():
-                out.add_(_resize_to(_up2(y) if up else y, size, align_corners=False))
-        # NHWC 1x1 conv (~1.7x faster than NCHW on CPU) with the class dim zero-padded to a multiple
-        # of 16 (K = 150 runs ~1.5x slower than 160 in oneDNN); logits returned in NCHW layout
-        k = self.conv_seg.out_channels
-        w, b = self.conv_seg.weight, self.conv_seg.bias
-        if torch.compiler.is_exporting():  # plain conv: the slice below would guard on batch == 1
-            return F.conv2d(self.dropout(out), w, b)
-        pad = -k % 16
-        w = _channels_last(F.pad(w, (0, 0, 0, 0, 0, 0, 0, pad)))
-        b = None if b is None else F.pad(b, (0, pad))
-        return F.conv2d(self.dropout(out), w, b)[:, :k].contiguous()
+        for head, f in zip(self.scale_heads[1:], features[1:]):
+            out = out + _resize_to(head(f), size, align_corners=False)
+        return self.conv_seg(self.dropout(out))
 
 
 def upsample_sum(maps: Sequence[torch.Tensor], align_corners: bool = False) -> torch.Tensor:

@@ -1,16 +1,10 @@
-"""Reusable SeMask building blocks."""
-from .cpu import ReusableOutput, set_weight_packing
-from .semantic import SemanticAttention, SemanticLayer
+"""SeMask building blocks: the semantic attention layers and the window helpers of the Swin blocks."""
+from .semantic import SemanticAttention, SemanticLayer, semantic_attention
 from .window import (
-    batched_index,
-    cached_shifted_window_mask,
-    eager_cpu_inference,
-    gather_rows,
     merge_index,
     pad_to_multiple,
     padded_size,
     shifted_window_mask,
-    token_chunks,
     tokens_to_windows,
     window_index,
     window_partition,
@@ -19,19 +13,13 @@ from .window import (
 )
 
 __all__ = [
-    "ReusableOutput",
     "SemanticAttention",
     "SemanticLayer",
-    "batched_index",
-    "cached_shifted_window_mask",
-    "eager_cpu_inference",
-    "gather_rows",
+    "semantic_attention",
     "merge_index",
     "pad_to_multiple",
     "padded_size",
-    "set_weight_packing",
     "shifted_window_mask",
-    "token_chunks",
     "tokens_to_windows",
     "window_index",
     "window_partition",

@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from ..decoders.fpn import SemanticDecoder
 from ..hub.mixin import HubMixin
 from ..layers import SemanticAttention
-from ..layers.cpu import ReusableOutput, upsample_bilinear
 from ..losses import ohem_weights, segmentation_ce
 
 __all__ = ["SeMaskSegmentor"]
@@ -27,9 +26,7 @@ class SeMaskSegmentor(HubMixin, nn.Module):
       ``logits``. Labels are (B, H, W) or (B, 1, H, W) ints with ``ignore_index`` pixels.
     * ``model.forward_all(images)`` -> dict with ``features``, ``priors``, ``head_seg``,
       ``head_sem`` (stride 4) and ``logits``.
-    * CPU inference writes the logits into the buffer of the previous call once the caller has dropped
-      every reference to it (:class:`~semask.layers.cpu.ReusableOutput`: no page faults for fresh
-      memory, up to 512 MB kept); ``model.reuse_output = False`` frees it and always allocates.
+    * ``semask.optimize(model)`` turns on the opt-in CPU inference fast paths (same outputs).
     * ``model.save_pretrained(dir)`` / ``model.push_to_hub(repo)`` / ``SeMaskSegmentor.from_pretrained(dir_or_repo)``
       (:class:`semask.hub.HubMixin`).
 
@@ -67,19 +64,6 @@ class SeMaskSegmentor(HubMixin, nn.Module):
         self.ohem = dict(ohem) if ohem else None
         self.ignore_index = ignore_index
         self.align_corners = align_corners
-        self._output = ReusableOutput()
-        self._reuse_output = True
-
-    @property
-    def reuse_output(self) -> bool:
-        """Whether eager CPU inference reuses the previous call's logits buffer (see the class doc)."""
-        return self._reuse_output
-
-    @reuse_output.setter
-    def reuse_output(self, enabled: bool) -> None:
-        self._reuse_output = bool(enabled)
-        if not enabled:
-            self._output.clear()
 
     @property
     def in_chans(self) -> int:
@@ -94,17 +78,18 @@ class SeMaskSegmentor(HubMixin, nn.Module):
         head_seg = self.decode_head(feats)
         out: Dict[str, Any] = dict(features=feats, priors=priors, head_seg=head_seg)
         out["head_sem"] = self.semantic_decoder(priors) if len(priors) else None
-        out["logits"] = upsample_bilinear(head_seg, images.shape[-2:], self.align_corners)
+        out["logits"] = self._resize(head_seg, images.shape[-2:])
         return out
 
     def forward(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None):
         """images (B, C, H, W) -> logits (B, K, H, W); with labels, the loss dict (see class doc)."""
         if labels is not None:
             return self.loss(images, labels)
-        feats = self._features(images)
-        # (the eager CPU inference path of the resize is ~2x faster than F.interpolate's kernel)
-        buffer = self._output if self._reuse_output else None
-        return upsample_bilinear(self.decode_head(feats), images.shape[-2:], self.align_corners, buffer)
+        return self._resize(self.decode_head(self._features(images)), images.shape[-2:])
+
+    def _resize(self, logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+        # stride-4 logits -> the image size (the official ``encode_decode``)
+        return F.interpolate(logits, size=size, mode="bilinear", align_corners=self.align_corners)
 
     def _features(self, images: torch.Tensor) -> List[torch.Tensor]:
         # the prior maps are not needed for the logits: backbones that can skip them (ours) do
