@@ -16,6 +16,7 @@ from .models.segmentor import SeMaskSegmentor
 from .backbones import SeMaskSwinTransformer
 from .layers import SemanticAttention, SemanticLayer
 from .hub import HubMixin, from_pretrained, push_to_hub, save_pretrained
+from .accel import optimize
 from .inference import predict
 from .metrics import SegmentationMetric
 
@@ -36,5 +37,6 @@ __all__ = [
     "list_pretrained",
     "wrap",
     "predict",
+    "optimize",
     "SegmentationMetric",
 ]

@@ -22,17 +22,18 @@ def _traced() -> bool:
 
 
 def semantic_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_bytes: Optional[int] = ATTN_CHUNK_BYTES
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_bytes: Optional[int] = None
 ) -> torch.Tensor:
     """Unscaled ``softmax(q k^T) v`` for (B, N, K) q/k and (B, M, C) v -> (B, N, C).
 
     Softmax is per query row, so the queries go through in chunks whose (chunk, M) score matrix
-    stays under ``chunk_bytes`` per image (exact; memory linear in N instead of N x M). ``None``, or
-    tracing (torch.compile / export / jit, where a size-dependent loop would bake in one size),
-    computes the whole matrix at once.
+    stays under ``chunk_bytes`` per image (default :data:`ATTN_CHUNK_BYTES`; exact, memory linear in
+    N instead of N x M). 0, or tracing (torch.compile / export / jit, where a size-dependent loop would
+    bake in one size), computes the whole matrix at once.
     """
     n, m = q.shape[1], k.shape[1]
-    rows = n if chunk_bytes is None or _traced() else max(1, chunk_bytes // max(1, m * q.element_size()))
+    budget = ATTN_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    rows = n if not budget or _traced() else max(1, budget // max(1, m * q.element_size()))
     if rows >= n:
         return torch.bmm(torch.bmm(q, k.transpose(1, 2)).softmax(-1), v)
     kt = k.transpose(1, 2)
