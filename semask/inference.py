@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -18,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import accel
 from .data.transforms import keep_ratio_size, resize_image
 from .models._registry import IMAGENET_MEAN_255, IMAGENET_STD_255
 
@@ -108,6 +110,36 @@ def _run(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
     return torch.cat([model(x[i:i + batch_size]).float() for i in range(0, x.shape[0], batch_size)])
 
 
+_CUDA_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
+def _is_oom(e: BaseException) -> bool:
+    text = str(e)
+    return isinstance(e, (MemoryError, _CUDA_OOM)) or (
+        isinstance(e, RuntimeError) and ("out of memory" in text or "not enough memory" in text
+                                         or "can't allocate memory" in text))
+
+
+def _run_whole(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Whole-image logits; out of memory -> sliding windows of the tag's crop size (else 512)."""
+    try:
+        return _run(model, x, batch_size)
+    except (RuntimeError, MemoryError) as e:
+        if not _is_oom(e):
+            raise
+    if x.device.type == "cuda":
+        torch.cuda.empty_cache()
+    crop = model_cfg(model).get("crop_size") or 512
+    crop = (crop, crop) if isinstance(crop, int) else (int(crop[0]), int(crop[1]))
+    if x.shape[-2] <= crop[0] and x.shape[-1] <= crop[1]:
+        raise MemoryError(f"out of memory predicting a {tuple(x.shape[-2:])} image even below the "
+                          f"{crop} crop size; use a smaller batch_size or resize the image")
+    warnings.warn(f"out of memory on the whole {x.shape[-2]}x{x.shape[-1]} image: falling back to sliding "
+                  f"windows of {crop[0]}x{crop[1]} (pass mode='slide' to choose the crop)", RuntimeWarning)
+    stride = (max(1, crop[0] * 2 // 3), max(1, crop[1] * 2 // 3))
+    return _slide_logits(model, x, crop, stride, batch_size)
+
+
 def _slide_logits(model: nn.Module, x: torch.Tensor, crop: Tuple[int, int], stride: Tuple[int, int],
                   batch_size: int) -> torch.Tensor:
     """Sliding-window logits (B, K, H, W): crops gathered and scattered back with flat indices."""
@@ -146,6 +178,7 @@ def predict(
     batch_size: int = 1,
     mean: Optional[Sequence[float]] = None,
     std: Optional[Sequence[float]] = None,
+    optimize: bool = True,
 ) -> Any:
     """Segment images; returns label maps (H, W) int64 at each image's original size.
 
@@ -164,6 +197,11 @@ def predict(
         batch_size: images (or crops) per forward pass; same-size images are batched together.
         mean: override the tag's normalisation mean (0..255 units).
         std: override the tag's normalisation std (0..255 units).
+        optimize: run the CPU fast paths of :func:`semask.optimize` (same outputs); a model that is
+            not optimized yet is optimized for the call and restored afterwards.
+
+    With ``mode="whole"``, an image whose forward pass runs out of memory is predicted again with
+    sliding windows (the tag's crop size, else 512), with a warning.
 
     Returns:
         A LongTensor (H, W) for a single image, else a list; with ``return_probs`` a tuple
@@ -201,6 +239,9 @@ def predict(
         groups.setdefault(tuple(t.shape[-2:]), []).append(i)
     was_training = model.training
     model.eval()
+    restore = optimize and device.type == "cpu" and not accel.is_optimized(model)
+    if restore:
+        accel.optimize(model)
     amp = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
     try:
         with amp:
@@ -216,6 +257,8 @@ def predict(
                             probs[i] = out[k].cpu()
     finally:
         model.train(was_training)
+        if restore:
+            accel.restore(model)
     if single:
         return (labels[0], probs[0]) if return_probs else labels[0]
     return (labels, probs) if return_probs else labels
@@ -238,7 +281,7 @@ def _predict_batch(model: nn.Module, x: torch.Tensor, mode: str, crop, stride, s
             if mode == "slide":
                 logits = _slide_logits(model, inp, crop, stride, batch_size)
             else:
-                logits = _run(model, inp, batch_size)
+                logits = _run_whole(model, inp, batch_size)
             logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False) \
                 if logits.shape[-2:] != (h, w) else logits
             if flipped:

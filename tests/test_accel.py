@@ -323,3 +323,38 @@ def test_global_semantic_layer_memory_is_linear(monkeypatch):
         monkeypatch.setattr(semantic, "ATTN_CHUNK_BYTES", None)
         _, whole = layer(x, (40, 40))
     torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-5)
+
+
+def test_predict_optimizes_for_the_call_and_falls_back_to_slide_on_oom():
+    model = _swin_fpn()
+    image = torch.randint(0, 255, (3, 90, 120), dtype=torch.uint8)
+    ref = semask.predict(model, image, resize=False, optimize=False)
+    assert torch.equal(semask.predict(model, image, resize=False), ref) and not is_optimized(model)
+
+    class OOMOverWhole(nn.Module):  # runs out of memory on inputs larger than 64 px
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            if max(x.shape[-2:]) > 64:
+                raise RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 9 GB")
+            return self.inner(x)
+
+    wrapped = OOMOverWhole(model)
+    wrapped.pretrained_cfg = {"crop_size": (64, 64)}
+    with pytest.warns(RuntimeWarning, match="sliding"):
+        got = semask.predict(wrapped, image, resize=False)
+    expected = semask.predict(model, image, resize=False, mode="slide", crop_size=64)
+    assert torch.equal(got, expected)
+    with pytest.raises(RuntimeError, match="boom"):  # other errors are not swallowed
+        semask.predict(_Raiser(), image, resize=False)
+
+
+class _Raiser(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        raise RuntimeError("boom")

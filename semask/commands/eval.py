@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import time
 
+import semask
+
 from ._common import add_inference_args, add_model_args, class_meta, inference_kwargs, pick_device
 
 
@@ -29,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("error: --data DIR is required for --format " + args.format)
     if not args.pretrained:
         print("note: no --pretrained given, so the model has random weights", flush=True)
-    model = load_model(args.model, args.pretrained).to(pick_device(args.device)).eval()
+    model = semask.optimize(load_model(args.model, args.pretrained).to(pick_device(args.device)).eval())
     ds = build_dataset(args.format, args.data, args.split)
     if args.max_images:
         ds = torch.utils.data.Subset(ds, range(min(args.max_images, len(ds))))

@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: image {missing[0]} does not exist")
     if not args.pretrained:
         print("note: no --pretrained given, so the model has random weights", flush=True)
-    model = load_model(args.model, args.pretrained).to(pick_device(args.device)).eval()
+    model = semask.optimize(load_model(args.model, args.pretrained).to(pick_device(args.device)).eval())
     k = int(getattr(model, "num_classes", 0)) or None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
