@@ -105,28 +105,91 @@ def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int
     return 2 * b * h * q_len * s * e + 2 * b * h * q_len * s * ev
 
 
-def _onednn_linear_flops(x_shape, *args, **kwargs) -> int:
-    # mkldnn::_linear_pointwise(X, W, B, attr, ...) and .binary(X, other, W, B, attr): 2 * rows * in * out
-    w_shape = args[0] if isinstance(args[2], str) else args[1]
-    return 2 * math.prod(x_shape[:-1]) * x_shape[-1] * w_shape[0]
-
-
 def count_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
-    """FLOPs of ``model(x)`` (FlopCounterMode; also counts the fused CPU attention kernel and oneDNN's
-    fused linear, which torch's table misses, so fused and unfused paths count the same)."""
+    """FLOPs of ``model(x)`` (FlopCounterMode; also counts the fused CPU attention kernel, which
+    torch's table misses). Count them on the reference model: the optimized paths use oneDNN ops that
+    the counter does not know."""
     from torch.utils.flop_counter import FlopCounterMode
 
     mapping = {}
     op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     if op is not None:
         mapping[op] = _sdpa_cpu_flops
-    try:
-        mapping[torch.ops.mkldnn._linear_pointwise] = _onednn_linear_flops  # both overloads
-    except (AttributeError, RuntimeError):
-        pass
     with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         model(x)
     return counter.get_total_flops()
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``lscpu``'s "Model name", else /proc/cpuinfo's "model name")."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            if line.strip().startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+def inference_modes(model: torch.nn.Module, x: torch.Tensor, threads: int, skip=()) -> tuple:
+    """``({name: callable}, {name: note})`` for the reference model, ``semask.optimize`` (on a copy),
+    bf16 autocast (of the reference) and ONNX Runtime (CPU), each checked against the reference."""
+    import copy
+    import tempfile
+    from pathlib import Path
+
+    import semask
+    from semask.accel import _tune
+
+    with torch.no_grad():
+        ref = model(x)
+    modes = {"reference fp32": lambda: model(x)}
+    notes = {}
+    if "optimized" not in skip:
+        opt = semask.optimize(copy.deepcopy(model))
+        with torch.no_grad():
+            for _ in range(3 * _tune.TRIALS + 1):  # the per-shape measurements, then the kept paths
+                out = opt(x)
+        notes["optimized"] = f"max |diff| {(out - ref).abs().max().item():.1e}; kept fast paths: " + \
+            f"{sum(1 for v in _tune.decisions().values() if v)}/{len(_tune.decisions())} measured calls"
+        modes["semask.optimize fp32"] = lambda: opt(x)
+    if "bf16" not in skip:
+        def bf16() -> torch.Tensor:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return model(x)
+        with torch.no_grad():
+            out = bf16().float()
+        notes["bf16"] = (f"max |diff| {(out - ref).abs().max().item():.2e} (max |logit| {ref.abs().max().item():.2f}), "
+                         f"argmax agreement {(out.argmax(1) == ref.argmax(1)).float().mean().item():.4f}")
+        modes["bf16 autocast"] = bf16
+    if "onnx" not in skip:
+        import onnxruntime as ort
+
+        from semask.export import export_onnx
+
+        path = Path(tempfile.mkdtemp()) / "model.onnx"
+        t0 = time.perf_counter()
+        export_onnx(model, path, size=tuple(x.shape[-2:]), batch=x.shape[0])
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        # no busy-waiting after a run: ORT's spinning threads would steal the cores of the next mode
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        feed = {"images": x.numpy()}
+        err = abs(sess.run(None, feed)[0] - ref.numpy()).max()
+        notes["onnx"] = f"export {time.perf_counter() - t0:.0f} s, max |diff| {err:.1e}"
+        modes["ONNX Runtime (CPU)"] = lambda: sess.run(None, feed)
+    return modes, notes
 
 
 def bench_parser(doc: str, reps: int) -> argparse.ArgumentParser:
