@@ -199,6 +199,10 @@ class OptimizedSemanticAttention(SemanticAttention):
     def forward(self, x):
         if self.training or not eager_cpu_inference(x) or not self._plain():
             return SemanticAttention.forward(self, x)
+        key = ("semantic_attention", tuple(x.shape), self.num_classes)
+        return _run(self, key, lambda: SemanticAttention.forward(self, x), [lambda: self._fast(x)])
+
+    def _fast(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         w, b, rw, rb = self._fused()
         k, c = self.mlp_cls_q.out_features, self.mlp_v.out_features
         qkv = linear(x, w, b)
@@ -249,6 +253,10 @@ class OptimizedConvBNReLU(ConvBNReLU):
     def forward(self, x):
         if self.training or not eager_cpu_inference(x) or not self._plain():
             return ConvBNReLU.forward(self, x)
+        key = ("conv_bn_relu", tuple(x.shape), x.is_contiguous(), self.conv.out_channels)
+        return _run(self, key, lambda: ConvBNReLU.forward(self, x), [lambda: self._folded(x)])
+
+    def _folded(self, x: torch.Tensor) -> torch.Tensor:
         conv, bn = self.conv, self.bn
 
         def build():
@@ -288,6 +296,10 @@ class OptimizedFPNHead(FPNHead):
     def forward(self, features):
         if self.training or not features or not eager_cpu_inference(features[0]) or not self._plain():
             return FPNHead.forward(self, features)
+        key = ("fpn_head", tuple(tuple(f.shape) for f in features), self.num_classes)
+        return _run(self, key, lambda: FPNHead.forward(self, features), [lambda: self._fast(features)])
+
+    def _fast(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         out = self.scale_heads[0](features[0])
         size = out.shape[-2:]
         pending: dict = {}
