@@ -45,11 +45,6 @@ def _weight(module: nn.Module, lin: nn.Linear) -> torch.Tensor:
     return snapshots(lin).get("packed", [lin.weight], lambda: pack_linear_weight(lin.weight))
 
 
-def _hook_free(module: nn.Module) -> bool:
-    # the module and everything below it: no forward hooks (global ones included)
-    return all(is_plain(m, type(m)) for m in module.modules())
-
-
 def _batched_index(index: torch.Tensor, batch: int, stride: int) -> torch.Tensor:
     # (M,) row index within one image -> (batch * M,) rows of the batch flattened to (batch * stride, C)
     if batch == 1:
