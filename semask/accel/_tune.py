@@ -3,7 +3,7 @@
 * Chunk sizes come from the CPU's cache sizes (Linux sysfs / ``os.sysconf``), not from constants.
 * :func:`fastest` runs each candidate implementation of a call a few times per process and input
   shape, then keeps the fastest one (the reference forward is always a candidate: a fast path stays
-  only where it beats the reference here). Every candidate computes the same values.
+  only where the reference does not beat it on this machine). Every candidate computes the same values.
 """
 from __future__ import annotations
 
@@ -65,12 +65,21 @@ def token_chunk(bytes_per_token: int, scale: int = 1) -> int:
 _DECIDED: Dict[Hashable, int] = {}
 _TIMES: Dict[Hashable, List[List[float]]] = {}
 _LOCK = threading.Lock()
-TRIALS = 3  # timed runs per candidate (the first is a warm-up and not counted)
+TRIALS = 5  # timed runs per candidate (the first is a warm-up and not counted)
+MARGIN = 1.03  # the reference is kept only when it beats every fast candidate by more than this
+
+
+def _winner(times: List[List[float]]) -> int:
+    best = [min(t[1:]) for t in times]  # best time: the least disturbed by other load on the machine
+    fast = min(range(1, len(times)), key=lambda j: best[j])
+    return 0 if best[0] * MARGIN < best[fast] else fast
 
 
 def fastest(key: Hashable, candidates: Sequence[Callable[[], T]]) -> T:
-    """Run one of ``candidates`` (same result, different speed): while undecided for ``key``, the one
-    with the fewest timed runs; after :data:`TRIALS` runs each, always the fastest (best time)."""
+    """Run one of ``candidates`` (same result, different speed; ``candidates[0]`` is the reference):
+    while undecided for ``key``, the one with the fewest timed runs (round robin); after
+    :data:`TRIALS` runs each, always the winner: the fastest fast candidate, unless the reference
+    beats it by more than :data:`MARGIN`. Candidates must not themselves call :func:`fastest`."""
     choice = _DECIDED.get(key)
     if choice is not None:
         return candidates[choice]()
@@ -83,7 +92,7 @@ def fastest(key: Hashable, candidates: Sequence[Callable[[], T]]) -> T:
     with _LOCK:
         times[i].append(dt)
         if key not in _DECIDED and all(len(t) >= TRIALS for t in times):
-            _DECIDED[key] = min(range(len(candidates)), key=lambda j: min(times[j][1:]))
+            _DECIDED[key] = _winner(times)
     return out
 
 
