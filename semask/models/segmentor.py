@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..decoders.fpn import SemanticDecoder
-from ..hub.mixin import HubMixin
+from ..core.mixin import HubMixin
 from ..layers import SemanticAttention
 from ..layers.cpu import ReusableOutput, upsample_bilinear
 from ..losses import ohem_weights, segmentation_ce
@@ -31,7 +31,7 @@ class SeMaskSegmentor(HubMixin, nn.Module):
       every reference to it (:class:`~semask.layers.cpu.ReusableOutput`: no page faults for fresh
       memory, up to 512 MB kept); ``model.reuse_output = False`` frees it and always allocates.
     * ``model.save_pretrained(dir)`` / ``model.push_to_hub(repo)`` / ``SeMaskSegmentor.from_pretrained(dir_or_repo)``
-      (:class:`semask.hub.HubMixin`).
+      (:class:`semask.core.mixin.HubMixin`).
 
     Args:
         backbone: returns ``(features, priors)``; must expose ``feature_info`` and ``num_classes``.
