@@ -178,16 +178,16 @@ def read_hub_weights(repo: str, cache_dir: Optional[PathLike] = None,
     (``[hf-hub:]org/repo[@rev]``), downloaded into the Hub cache and read safely."""
     repo_id, revision = parse_hub_name(repo)
     source = f"{HUB_PREFIX}{repo_id}" + (f"@{revision}" if revision else "")
-    for i, name in enumerate(filenames):
+    first: Optional[FileNotFoundError] = None
+    for name in filenames:
         try:
             path = hub_download(repo_id, name, revision, cache_dir)
-        except FileNotFoundError as e:
-            # only "the repo has no such file" moves on to the next name; offline / missing repo stop here
-            if i + 1 < len(filenames) and f"has no {name}" in str(e):
-                continue
-            raise
+        except FileNotFoundError as e:  # not in the repo, or (offline) not in the cache: try the next name
+            first = first or e
+            continue
         return f"{source} ({name})", read_state_dict(path)
-    raise FileNotFoundError(f"Hub repo {source} has none of {list(filenames)}")  # pragma: no cover
+    assert first is not None
+    raise first
 
 
 def _first_conv_in_chans(model: nn.Module, first_conv: Optional[str]) -> int:
