@@ -411,7 +411,11 @@ def _read_mit_source(source: PretrainedSource, cfg: Dict[str, Any], cache_dir: O
     """(where from, tensors) of a MiT weights source, read through semask's safe readers."""
     if isinstance(source, dict):
         return "the given state dict", source
-    if source is True:
+    if source is True and cfg.get("state_dict"):  # timm's pretrained_cfg_overlay=dict(state_dict=...)
+        return "pretrained_cfg['state_dict']", cfg["state_dict"]
+    if source is True and cfg.get("file"):  # timm's pretrained_cfg_overlay=dict(file=...)
+        source = cfg["file"]
+    elif source is True:
         return read_hub_weights(cfg["hf_hub_id"], cache_dir)
     if isinstance(source, str) and source.startswith(HUB_PREFIX):
         return read_hub_weights(source, cache_dir)
@@ -459,9 +463,9 @@ def load_mit_pretrained(model: nn.Module, source: PretrainedSource = True, cache
         load_pretrained(backbone, pretrained_cfg=cfg, num_classes=cfg.get("num_classes", 150),
                         in_chans=backbone.in_chans, filter_fn=None, strict=True)
     except (RuntimeError, KeyError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        why = " ".join(str(e).split()) or type(e).__name__
         raise ValueError(f"the weights in {name} do not fit this MiT backbone (embed_dims={backbone.embed_dims}): "
-                         f"{first[:400]}. Use the SegFormer MiT checkpoint of the same size.") from None
+                         f"{why[:400]}. Use the SegFormer MiT checkpoint of the same size.") from None
     return backbone
 
 

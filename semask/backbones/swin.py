@@ -710,6 +710,9 @@ def _create_semask_swin(variant: str, pretrained: Any = False, **kwargs) -> SeMa
         SeMaskSwinTransformer, variant, pretrained=False,
         feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"), **kwargs,
     )
+    file = (getattr(model, "pretrained_cfg", None) or {}).get("file")
+    if pretrained is True and file:  # timm's pretrained_cfg_overlay=dict(file=...)
+        pretrained = file
     if pretrained:
         load_swin_imagenet(model, pretrained)
     return model

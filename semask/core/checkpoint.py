@@ -237,7 +237,7 @@ def load_timm_pretrained(model: nn.Module, source: Any = True,
                         in_chans=_first_conv_in_chans(model, cfg.get("first_conv")),
                         filter_fn=getattr(module, "checkpoint_filter_fn", None), strict=True)
     except (RuntimeError, KeyError, ValueError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        why = " ".join(str(e).split()) or type(e).__name__
         raise ValueError(f"the weights in {name} do not fit the timm model {arch} "
-                         f"({first[:500]}). Pass the weights of the same timm architecture.") from None
+                         f"({why[:500]}). Pass the weights of the same timm architecture.") from None
     return name
