@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from . import accel
 from .data.transforms import keep_ratio_size, resize_image
-from .models._registry import IMAGENET_MEAN_255, IMAGENET_STD_255
+from .core.registry import IMAGENET_MEAN_255, IMAGENET_STD_255
 
 __all__ = ["predict", "to_image_tensor", "TTA_SCALES", "model_cfg", "normalize_images", "resolve_autocast"]
 

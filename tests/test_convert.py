@@ -252,13 +252,13 @@ def test_existing_output_and_overwrite(parity_dir, tmp_path):
 
 
 def test_failure_while_writing_leaves_nothing(parity_dir, tmp_path, monkeypatch):
-    import semask.hub.io as hub_io
+    import semask.hub.convert as hub_convert
 
     def disk_full(model, folder, **kwargs):
         (Path(folder) / "model.safetensors").write_bytes(b"partial")
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(hub_io, "save_pretrained", disk_full)
+    monkeypatch.setattr(hub_convert, "save_pretrained", disk_full)
     with pytest.raises(OSError, match="No space"):
         convert_official_checkpoint(_pth(parity_dir, "micro_windowed"), tmp_path / "new" / "deeper" / "out", ARCH,
                                     sem_global=False)

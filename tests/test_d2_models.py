@@ -17,7 +17,7 @@ from conftest import SHARED, load_parity
 import semask  # noqa: F401  (registers the models)
 from semask.decoders.ms_deform_attn import MSDeformAttn, ms_deform_attn, ms_deform_attn_grid_sample
 from semask.hub.convert import convert_official_checkpoint, convert_state_dict
-from semask.models._registry import create_model, get_pretrained_cfg
+from semask import create_model, get_pretrained_cfg
 from semask.models.criterion import (
     HungarianMatcher, SetCriterion, dice_loss, semantic_targets, sigmoid_focal_loss, uncertain_point_coords,
 )

@@ -312,3 +312,44 @@ def test_push_to_hub_uploads_config_weights_and_card(monkeypatch):
     assert config["architecture"] == "semask_swin_tiny_fpn" and config["metrics"] == {"miou": 40.0}
     card = up["files"]["README.md"].decode()
     assert 'semask.create_model("hf-hub:me/semask-tiny")' in card and "| 40.0 |" in card
+
+
+# ------------------------------------------------------------------------------ MaskFormer family
+D2_TINY = dict(num_classes=5, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), window_size=4,
+               conv_dim=32, mask_dim=16, hidden_dim=32, num_queries=6, nheads=4, dim_feedforward=32, dec_layers=2,
+               enc_layers=1)
+
+
+@pytest.mark.parametrize("arch", ["semask_swin_large_mask2former", "semask_swin_large_maskformer"])
+def test_mask_former_save_pretrained_round_trip(arch, tmp_path, monkeypatch):
+    from semask.models.mask_former import SeMaskMaskFormer
+
+    torch.manual_seed(0)
+    model = _randomise(semask.create_model(arch, **D2_TINY), 0)
+    folder = model.save_pretrained(tmp_path / "m2f")
+    assert {p.name for p in folder.iterdir()} == {"config.json", "model.safetensors", "README.md"}
+    loaded = SeMaskMaskFormer.from_pretrained(folder).eval()
+    assert type(loaded) is SeMaskMaskFormer
+    _same_state(loaded, model.state_dict())
+    x = torch.randn(1, 3, 40, 56, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    with pytest.raises(TypeError, match="not a SeMaskSegmentor"):
+        semask.SeMaskSegmentor.from_pretrained(folder)
+    uploads = []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, **kw):
+            pass
+
+        def upload_folder(self, repo_id, folder_path, **kw):
+            uploads.append(sorted(p.name for p in Path(folder_path).iterdir()))
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    model.push_to_hub("someone/m2f")
+    assert uploads == [["README.md", "config.json", "model.safetensors"]]

@@ -140,7 +140,7 @@ def test_pretrained_machinery_loads_hub_checkpoint(reference, tmp_path):
     for f, r in zip(feats, ref):
         torch.testing.assert_close(f, r, atol=2e-3, rtol=2e-3)
     wrong = {k: v for k, v in legacy.items() if "encoder.block.1.1." not in k}
-    with pytest.raises(RuntimeError, match="Missing"):
+    with pytest.raises(ValueError, match="do not fit this MiT backbone.*Missing"):
         timm.create_model("semask_mit_b0", pretrained=True, pretrained_cfg_overlay=dict(state_dict=wrong),
                           num_classes=5, **TINY)
 
@@ -262,18 +262,20 @@ def test_errors():
 
 
 def test_pretrained_true_fetches_nvidia_mit_from_the_hub(reference, monkeypatch):
-    """``pretrained=True`` asks the Hub for nvidia/mit-b0 (network stubbed) and maps its keys."""
+    """``pretrained=True`` asks the Hub for nvidia/mit-b0 (network stubbed: semask's own safe Hub
+    reader, which timm's loader never replaces) and maps its keys."""
     import timm
-    import timm.models._builder as builder
+
+    import semask.backbones.mit as mit
 
     requested = []
     legacy = _legacy({f"segformer.{k}": v for k, v in reference.segformer.state_dict().items()})
 
     def fake_hub(model_id, *args, **kwargs):
         requested.append(model_id)
-        return dict(legacy)
+        return model_id, dict(legacy)
 
-    monkeypatch.setattr(builder, "load_state_dict_from_hf", fake_hub)
+    monkeypatch.setattr(mit, "read_hub_weights", fake_hub)
     model = timm.create_model("semask_mit_b0", pretrained=True, num_classes=5, **TINY)
     assert requested == ["nvidia/mit-b0"]
     torch.testing.assert_close(model.stages[3].norm.weight, reference.segformer.stages[3].layer_norm.weight)
@@ -281,8 +283,7 @@ def test_pretrained_true_fetches_nvidia_mit_from_the_hub(reference, monkeypatch)
 
 def test_load_mit_pretrained_sources(reference, tmp_path, monkeypatch):
     """Folder with a .bin (read weights_only), hf-hub ids, and the errors of load_mit_pretrained."""
-    import timm.models._builder as builder
-
+    import semask.backbones.mit as mit
     from semask.backbones.mit import load_mit_pretrained
 
     legacy = _legacy({f"segformer.{k}": v for k, v in reference.segformer.state_dict().items()})
@@ -293,10 +294,10 @@ def test_load_mit_pretrained_sources(reference, tmp_path, monkeypatch):
     torch.testing.assert_close(bb.stages[0].patch_embed.proj.weight,
                                reference.segformer.stages[0].patch_embeddings.proj.weight)
     requested = []
-    monkeypatch.setattr(builder, "load_state_dict_from_hf",
-                        lambda model_id, *a, **k: requested.append(model_id) or dict(legacy))
+    monkeypatch.setattr(mit, "read_hub_weights",
+                        lambda model_id, *a, **k: requested.append(model_id) or (model_id, dict(legacy)))
     load_mit_pretrained(_tiny_mit(), "hf-hub:someone/my-mit@v1")
-    assert requested == ["someone/my-mit@v1"]
+    assert requested == ["hf-hub:someone/my-mit@v1"]
     with pytest.raises(ValueError, match="no published MiT weights"):
         load_mit_pretrained(_tiny_mit(), True)
     (tmp_path / "empty").mkdir()

@@ -21,8 +21,10 @@ import torch.utils.checkpoint
 from timm.layers import DropPath
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model as timm_register_model
 
+from ..core.checkpoint import check_dtypes, read_hub_weights, read_state_dict
+from ..core.hf import HUB_PREFIX
+from ..core.registry import register_model
 from ..layers import SemanticLayer
-from ..models._registry import register_model
 from .swin import SeMaskSwinTransformer
 from ._base import SemanticFeaturesMixin, check_image_input, normalize_out_indices, per_stage_flags, per_stage_ints
 
@@ -404,17 +406,41 @@ def _variant_of(backbone: SeMaskMiT) -> Optional[str]:
     return next((v for v, a in _MIT_ARCHS.items() if a["embed_dims"] == dims and a["depths"] == depths), None)
 
 
+def _read_mit_source(source: PretrainedSource, cfg: Dict[str, Any], cache_dir: Optional[str]
+                     ) -> Tuple[str, Dict[str, torch.Tensor]]:
+    """(where from, tensors) of a MiT weights source, read through semask's safe readers."""
+    if isinstance(source, dict):
+        return "the given state dict", source
+    if source is True and cfg.get("state_dict"):  # timm's pretrained_cfg_overlay=dict(state_dict=...)
+        return "pretrained_cfg['state_dict']", cfg["state_dict"]
+    if source is True and cfg.get("file"):  # timm's pretrained_cfg_overlay=dict(file=...)
+        source = cfg["file"]
+    elif source is True:
+        return read_hub_weights(cfg["hf_hub_id"], cache_dir)
+    if isinstance(source, str) and source.startswith(HUB_PREFIX):
+        return read_hub_weights(source, cache_dir)
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"MiT pretrained weights must be True, a path, 'hf-hub:org/repo' or a state dict, got "
+                        f"{type(source).__name__}")
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"MiT checkpoint {path} does not exist; pass a SegFormer checkpoint file or folder, "
+                                "'hf-hub:nvidia/mit-b0', or True")
+    return str(path), read_state_dict(path)  # .safetensors, or .bin / .pth read with weights_only=True
+
+
 def load_mit_pretrained(model: nn.Module, source: PretrainedSource = True, cache_dir: Optional[str] = None) -> SeMaskMiT:
     """Load SegFormer MiT weights into the :class:`SeMaskMiT` of ``model`` (a backbone, a segmentor, or a
-    timm feature wrapper) through timm's pretrained machinery and :func:`mit_checkpoint_filter_fn`.
+    timm feature wrapper) with :func:`mit_checkpoint_filter_fn`.
 
     Args:
         source: True (``nvidia/mit-bX`` of the backbone's size from the Hub), ``"hf-hub:org/repo[@rev]"``,
             a checkpoint file or a folder holding ``model.safetensors`` / ``pytorch_model.bin`` (``.bin``
             is read with ``weights_only=True``), or a state dict; SegFormer key layout (transformers < 5 or 5).
         cache_dir: Hub cache override.
-    The MiT trunk must match exactly (strict load); the semantic layers keep their initialisation and
-    a first conv for ``in_chans != 3`` is adapted by timm. Returns the backbone.
+    Files are read by semask's safe readers (never timm's); timm then adapts a first conv for
+    ``in_chans != 3``. The MiT trunk must match exactly (strict load); the semantic layers keep their
+    initialisation. Returns the backbone; ValueError naming the source when the weights do not fit.
     """
     from timm.models import get_pretrained_cfg, load_pretrained
 
@@ -427,24 +453,19 @@ def load_mit_pretrained(model: nn.Module, source: PretrainedSource = True, cache
     elif variant is not None or source is not True:  # for file / state-dict sources only the loader fields matter
         cfg = get_pretrained_cfg(variant or "semask_mit_b0").to_dict()
     else:
-        raise ValueError(f"no published MiT weights for embed_dims={backbone.embed_dims} with these depths; pass a "
-                         "SegFormer checkpoint (file, folder or state dict) instead of True")
-    if isinstance(source, dict):
-        cfg.update(state_dict=source, file=None)
-    elif isinstance(source, str) and source.startswith("hf-hub:"):
-        cfg.update(hf_hub_id=source[len("hf-hub:"):], file=None, state_dict=None, source="hf-hub")
-    elif source is not True:
-        path = Path(source)
-        if path.is_dir():
-            found = [path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).exists()]
-            if not found:
-                raise FileNotFoundError(f"{path} holds neither model.safetensors nor pytorch_model.bin")
-            path = found[0]
-        if not path.exists():
-            raise FileNotFoundError(f"MiT checkpoint {path} does not exist")
-        cfg.update(file=str(path), state_dict=None)
-    load_pretrained(backbone, pretrained_cfg=cfg, num_classes=cfg.get("num_classes", 150),
-                    in_chans=backbone.in_chans, filter_fn=mit_checkpoint_filter_fn, strict=True, cache_dir=cache_dir)
+        raise ValueError(f"no published MiT weights for embed_dims={backbone.embed_dims} with these depths; pass "
+                         "a SegFormer checkpoint (file, folder or state dict) instead of True")
+    name, state = _read_mit_source(source, cfg, cache_dir)
+    mapped = mit_checkpoint_filter_fn(state, backbone)
+    check_dtypes(mapped, backbone.state_dict(), name)
+    cfg.update(state_dict=mapped, file=None, url="", hf_hub_id=None, source="")
+    try:
+        load_pretrained(backbone, pretrained_cfg=cfg, num_classes=cfg.get("num_classes", 150),
+                        in_chans=backbone.in_chans, filter_fn=None, strict=True)
+    except (RuntimeError, KeyError) as e:
+        why = " ".join(str(e).split()) or type(e).__name__
+        raise ValueError(f"the weights in {name} do not fit this MiT backbone (embed_dims={backbone.embed_dims}): "
+                         f"{why[:400]}. Use the SegFormer MiT checkpoint of the same size.") from None
     return backbone
 
 

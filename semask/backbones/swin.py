@@ -11,7 +11,10 @@ difference: ``relative_position_index`` is a non-persistent buffer here).
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple, Union
+import logging
+import os
+import re
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -19,14 +22,15 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from einops import rearrange
 from timm.layers import DropPath, Mlp, trunc_normal_
-from timm.models import build_model_with_cfg
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model as timm_register_model
 
+from ..core.adapt import adapt_state_dict, window_of_table
+from ..core.checkpoint import check_dtypes, read_hub_weights, read_state_dict
+from ..core.hf import HUB_PREFIX
+from ..core.registry import register_model
 from ..layers import (
     SemanticLayer, merge_index, padded_size, shifted_window_mask, tokens_to_windows, window_index, windows_to_tokens,
 )
-from timm.models import generate_default_cfgs, register_model as timm_register_model
-
-from ..models._registry import register_model
 from ._base import SemanticFeaturesMixin, check_image_input, normalize_out_indices, per_stage_flags, per_stage_ints
 
 __all__ = ["SeMaskSwinTransformer", "SwinBlock", "SwinStage", "PatchMerging", "PatchEmbed", "WindowAttention"]
@@ -430,17 +434,206 @@ def swin_arch_kwargs(variant: str) -> dict:
     return dict(_SWIN_ARCHS[variant])
 
 
-def _create_semask_swin(variant: str, pretrained: bool = False, **kwargs) -> SeMaskSwinTransformer:
+# --------------------------------------------------------------------------------------------------
+# Checkpoints: timm's ImageNet Swin weights -> SeMask Swin (timm-style ``checkpoint_filter_fn``), and
+# the architecture that an official checkpoint's shapes show.
+#
+# The official SeMask configs start from the Microsoft Swin ImageNet weights (T/S: IN-1k 224 window 7,
+# B/L: IN-22k 384 window 12), which timm republishes as safetensors. timm's layout differs from ours
+# (= the official one) in one way: timm >= 0.9 puts ``downsample`` (PatchMerging) at the *start* of
+# stage i+1 (``layers.{i+1}.downsample``) where we have it at the end of stage i. The merge channel
+# order is the same: timm reshapes (B, H/2, 2, W/2, 2, C).permute(0, 1, 3, 4, 2, 5), i.e. (0,0), (1,0),
+# (0,1), (1,1) like ours.
 
+_logger = logging.getLogger("semask.hub")
+
+# (embed_dim, depths) -> timm model.tag holding the ImageNet weights the official configs start from
+IMAGENET_SOURCES: Dict[Tuple[int, Tuple[int, ...]], str] = {
+    (96, (2, 2, 6, 2)): "swin_tiny_patch4_window7_224.ms_in1k",
+    (96, (2, 2, 18, 2)): "swin_small_patch4_window7_224.ms_in1k",
+    (128, (2, 2, 18, 2)): "swin_base_patch4_window12_384.ms_in22k",
+    (192, (2, 2, 18, 2)): "swin_large_patch4_window12_384.ms_in22k",
+}
+_IGNORED_PREFIXES = ("head.", "norm.")  # classifier and final norm: SeMask has per-stage norms instead
+
+
+def find_swin_backbone(model: nn.Module) -> Tuple[str, "SeMaskSwinTransformer"]:
+    """(prefix, module) of the SeMask Swin backbone inside ``model`` (``""`` if it is the backbone)."""
+    for name, m in model.named_modules():
+        if isinstance(m, SeMaskSwinTransformer):
+            return (name + "." if name else ""), m
+    raise ValueError(f"{type(model).__name__} has no SeMask Swin backbone; pretrained_backbone applies to "
+                     "Swin-based models only")
+
+
+def default_imagenet_source(backbone: "SeMaskSwinTransformer") -> str:
+    """``hf-hub:timm/<model.tag>`` of the ImageNet weights matching the backbone's size."""
+    key = (backbone.embed_dim, tuple(backbone.depths))
+    if key not in IMAGENET_SOURCES:
+        raise ValueError(
+            f"no default ImageNet weights for a Swin with embed_dim={key[0]}, depths={key[1]}; pass "
+            "pretrained_backbone='hf-hub:timm/<swin repo>' or a path to a timm Swin .safetensors file"
+        )
+    from timm.models import get_pretrained_cfg
+
+    name = IMAGENET_SOURCES[key]
+    cfg = get_pretrained_cfg(name)
+    return HUB_PREFIX + (cfg.hf_hub_id if cfg is not None and cfg.hf_hub_id else f"timm/{name}")
+
+
+def timm_swin_to_semask(
+    state: Mapping[str, torch.Tensor], backbone: nn.Module
+) -> Tuple[Dict[str, torch.Tensor], List[str], List[str]]:
+    """Map a Swin ImageNet state dict (timm >= 0.9 layout, or the official/timm < 0.9 one) onto
+    ``backbone`` (a :class:`SeMaskSwinTransformer`).
+
+    * ``layers.{i}.downsample.*`` (timm: start of stage i) -> ``layers.{i-1}.downsample.*``;
+      official-layout checkpoints (``layers.0.downsample`` present) keep their indices;
+    * ``head.*``, the final ``norm.*`` and recomputed buffers are dropped;
+    * relative-position tables are resized to the backbone's window, the patch embedding is adapted
+      to its ``in_chans`` (see :func:`semask.core.adapt.adapt_state_dict`).
+    Returns (mapped state, ignored checkpoint keys, adaptation notes).
+    """
+    official_layout = any(k.endswith("layers.0.downsample.reduction.weight") for k in state)
+    mapped: Dict[str, torch.Tensor] = {}
+    ignored: List[str] = []
+    for key, v in state.items():
+        k = key[len("module."):] if key.startswith("module.") else key
+        if k.startswith(_IGNORED_PREFIXES):
+            ignored.append(key)
+            continue
+        if not official_layout:
+            k = re.sub(r"^layers\.(\d+)\.downsample\.", lambda m: f"layers.{int(m.group(1)) - 1}.downsample.", k)
+        mapped[k] = v
+    adapted, notes = adapt_state_dict(mapped, backbone.state_dict())
+    ignored += [k for k in mapped if k not in adapted]  # recomputed buffers
+    return adapted, ignored, notes
+
+
+def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """timm's ``pretrained_filter_fn`` signature: a timm Swin ImageNet state dict -> ``model``'s keys."""
+    return timm_swin_to_semask(state_dict, model)[0]
+
+
+def _read_imagenet_source(source: Any, backbone: "SeMaskSwinTransformer",
+                          cache_dir: Optional[Union[str, os.PathLike]]) -> Tuple[str, Dict[str, torch.Tensor]]:
+    if source is True:
+        source = default_imagenet_source(backbone)
+    src = os.fspath(source)
+    if not src.startswith(HUB_PREFIX) and os.path.exists(src):
+        return src, read_state_dict(src)  # safetensors, or .pth / .bin read with weights_only=True
+    if not src.startswith(HUB_PREFIX) and (os.path.splitext(src)[1] or src.count("/") != 1):
+        raise FileNotFoundError(f"pretrained_backbone={src!r} is neither an existing file/folder nor a Hub id "
+                                "('hf-hub:timm/swin_tiny_patch4_window7_224.ms_in1k')")
+    return read_hub_weights(src, cache_dir)
+
+
+def load_swin_imagenet(
+    model: nn.Module,
+    source: Any = True,
+    cache_dir: Optional[Union[str, os.PathLike]] = None,
+) -> Dict[str, List[str]]:
+    """Load ImageNet Swin weights into the SeMask Swin backbone of ``model`` (a backbone, a segmentor
+    or timm's feature wrapper of one).
+
+    Args:
+        model: the model; its Swin backbone is found by type.
+        source: True (timm's weights for the backbone's size, see ``IMAGENET_SOURCES``), an
+            ``hf-hub:org/repo[@rev]`` id, or a path to a timm/official Swin ``.safetensors`` (or ``.pth``
+            / ``.bin``, read with ``weights_only=True``) file.
+        cache_dir: Hub cache (default ``$HF_HUB_CACHE``).
+    Semantic layers, ``norm0..3`` and the heads keep their (official) initialisation. Every Swin
+    trunk tensor (patch embedding, blocks, merges) must be in the checkpoint, else ValueError and
+    nothing is loaded. Returns ``dict(loaded=..., not_loaded=..., ignored=..., adapted=...)``.
+    """
+    prefix, backbone = find_swin_backbone(model)
+    name, state = _read_imagenet_source(source, backbone, cache_dir)
+    mapped, ignored, notes = timm_swin_to_semask(state, backbone)
+    target = backbone.state_dict()
+    check_dtypes(mapped, target, name)
+    unexpected = [k for k in mapped if k not in target]
+    wrong = [f"{k}: {tuple(v.shape)} vs {tuple(target[k].shape)}" for k, v in mapped.items()
+             if k in target and v.shape != target[k].shape]
+    trunk_missing = [k for k in target if k not in mapped and (k.startswith("patch_embed.") or (
+        k.startswith("layers.") and ".semantic_layer." not in k))]
+    if unexpected or wrong or trunk_missing:
+        raise ValueError(
+            f"{name} does not fit this Swin backbone (embed_dim={backbone.embed_dim}, depths={backbone.depths}); "
+            f"nothing was loaded. unexpected: {unexpected[:6]}, shape mismatch: {wrong[:6]}, missing: "
+            f"{trunk_missing[:6]}. Use the ImageNet weights of the same Swin size (pretrained_backbone=True "
+            "picks them)."
+        )
+    backbone.load_state_dict(mapped, strict=False)
+    not_loaded = [k for k in target if k not in mapped]
+    _logger.info("ImageNet init of %sbackbone from %s: loaded %d tensors; kept at init %d tensors (semantic "
+                 "layers, per-stage norms): %s; ignored from the checkpoint: %s",
+                 prefix, name, len(mapped), len(not_loaded), not_loaded, ignored)
+    for note in notes:
+        _logger.info("ImageNet init from %s: adapted %s", name, note)
+    return dict(loaded=sorted(mapped), not_loaded=not_loaded, ignored=ignored, adapted=notes)
+
+
+def _indices(keys: Sequence[str], pattern: str) -> List[int]:
+    rx = re.compile(pattern)
+    return sorted({int(m.group(1)) for k in keys if (m := rx.match(k))})
+
+
+def infer_swin_kwargs(sd: Mapping[str, torch.Tensor], prefix: str = "backbone.") -> Dict[str, Any]:
+    """SeMaskSwinTransformer kwargs that tensor shapes determine: ``in_chans, patch_size, embed_dim,
+    depths, num_heads, window_size, mlp_ratio, qkv_bias, out_indices, ape, semantic_layers,
+    num_sem_blocks`` (of the keys under ``prefix``; for the conversion rules of official checkpoints).
+
+    The per-stage windowed/global pattern and the semantic window are not visible in the weights.
+    """
+    p = re.escape(prefix)
+    keys = list(sd)
+    proj = sd.get(f"{prefix}patch_embed.proj.weight")
+    if proj is None:
+        return {}
+    stages = _indices(keys, rf"{p}layers\.(\d+)\.")
+    out: Dict[str, Any] = dict(in_chans=proj.shape[1], patch_size=proj.shape[-1], embed_dim=proj.shape[0])
+    out["depths"] = tuple(len(_indices(keys, rf"{p}layers\.{i}\.blocks\.(\d+)\.")) for i in stages)
+    heads, windows = [], set()
+    for i in stages:
+        table = sd.get(f"{prefix}layers.{i}.blocks.0.attn.relative_position_bias_table")
+        if table is None:
+            continue
+        heads.append(table.shape[1])
+        windows.add(window_of_table(table.shape[0]))  # the table has (2w-1)^2 rows
+    if len(heads) == len(stages):
+        out["num_heads"] = tuple(heads)
+    if len(windows) == 1:
+        out["window_size"] = windows.pop()
+    fc1 = sd.get(f"{prefix}layers.0.blocks.0.mlp.fc1.weight")
+    if fc1 is not None:
+        out["mlp_ratio"] = fc1.shape[0] / fc1.shape[1]
+    out["qkv_bias"] = f"{prefix}layers.0.blocks.0.attn.qkv.bias" in sd
+    out["out_indices"] = tuple(_indices(keys, rf"{p}norm(\d+)\."))
+    out["ape"] = f"{prefix}absolute_pos_embed" in sd
+    sem_blocks = tuple(len(_indices(keys, rf"{p}layers\.{i}\.semantic_layer\.class_injection\.(\d+)\."))
+                       for i in stages)
+    out["semantic_layers"] = any(sem_blocks)
+    if any(sem_blocks):
+        out["num_sem_blocks"] = sem_blocks
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Builders
+
+def _create_semask_swin(variant: str, pretrained: Any = False, **kwargs) -> SeMaskSwinTransformer:
+    """Build a registered size; ``pretrained``: False, True (timm's ImageNet Swin of that size), an
+    ``hf-hub:`` id or a weights file (see :func:`load_swin_imagenet`)."""
     kwargs = {**swin_arch_kwargs(variant), **kwargs}
     model = build_model_with_cfg(
         SeMaskSwinTransformer, variant, pretrained=False,
         feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"), **kwargs,
     )
+    file = (getattr(model, "pretrained_cfg", None) or {}).get("file")
+    if pretrained is True and file:  # timm's pretrained_cfg_overlay=dict(file=...)
+        pretrained = file
     if pretrained:
-        from ..hub import load_pretrained
-
-        load_pretrained(model, pretrained, cfg=None, name=variant)
+        load_swin_imagenet(model, pretrained)
     return model
 
 

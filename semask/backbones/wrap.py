@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.utils.checkpoint
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model as timm_register_model
 
+from ..core.checkpoint import load_timm_pretrained
 from ..layers import SemanticLayer
 from ._base import SemanticFeaturesMixin, check_image_input, normalize_out_indices, per_stage_flags
 
@@ -241,14 +242,14 @@ def wrap(
     sem_residual: bool = False,
     out_norm: bool = True,
     out_indices: Optional[Sequence[int]] = None,
-    pretrained: bool = False,
+    pretrained: Any = False,
     **timm_kwargs: Any,
 ) -> SeMaskWrapped:
     """Turn a hierarchical timm backbone into a SeMask backbone returning ``(features, priors)``.
 
     Args:
-        backbone: a timm model name (created with ``timm.create_model(backbone, pretrained=pretrained,
-            **timm_kwargs)``) or a timm model instance (adopted: its classifier is removed).
+        backbone: a timm model name (created with ``timm.create_model(backbone, **timm_kwargs)``, then
+            ``pretrained`` weights are loaded) or a timm model instance (adopted: its classifier is removed).
         num_classes: classes K of the semantic layers (and of the prior maps).
         sem_global: per stage, True for global semantic attention, False for windowed; default:
             windowed at strides <= 8, global from 16 (SeMask Swin-T's W W G G).
@@ -262,6 +263,9 @@ def wrap(
             stages); recommended when fine-tuning ImageNet weights of non-Swin families.
         out_norm: a LayerNorm on each output feature (like SeMask Swin's ``norm{i}``).
         out_indices: stages to output (default all).
+        pretrained: for a timm name: True (timm's default weights), ``hf-hub:org/repo`` or a weights
+            file in timm's layout; read by semask's safe loader, never unpickled
+            (:func:`semask.core.checkpoint.load_timm_pretrained`).
 
     Raises:
         ValueError: for families without a stage pyramid (plain ViT, ...) or unknown families.
@@ -270,11 +274,13 @@ def wrap(
         import timm
 
         try:
-            backbone = timm.create_model(backbone, pretrained=pretrained, **timm_kwargs)
+            backbone = timm.create_model(backbone, pretrained=False, **timm_kwargs)
         except RuntimeError as e:
             if "Unknown model" in str(e):
                 raise ValueError(f"{e}; wrap() takes a timm model name (timm.list_models()) or instance") from e
             raise
+        if pretrained:
+            load_timm_pretrained(backbone, pretrained)
     elif timm_kwargs or pretrained:
         raise TypeError("timm kwargs and pretrained apply to a timm model name, not to a model instance")
     if not isinstance(backbone, nn.Module):

@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from ..models._registry import IMAGENET_MEAN_255, IMAGENET_STD_255
+from ..core.registry import IMAGENET_MEAN_255, IMAGENET_STD_255
 
 __all__ = [
     "Compose", "Resize", "RandomCrop", "RandomFlip", "PhotoMetricDistortion", "Normalize", "Pad",

@@ -4,7 +4,8 @@ Reading never executes code: ``torch.load(weights_only=True)`` refuses pickled o
 tensors and plain containers. The result is ``config.json`` + ``model.safetensors`` (see
 :mod:`semask.hub.io`), written atomically: on any failure nothing is left at the destination.
 
-Per-family key mapping contract (:class:`ConversionRules`): every model family registers, for an
+Per-family key mapping contract (:class:`semask.core.registry.ConversionRules`): every model family
+registers next to its code (``semask.models.fpn``, ``semask.models.mask_former``), for an
 architecture-name pattern, how the official keys become ours and how its architecture is read from
 tensor shapes. The generic engine then
 
@@ -21,15 +22,12 @@ tensor shapes. The generic engine then
 """
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import os
-import pickle
 import re
 import shutil
 import tempfile
 import warnings
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -37,7 +35,21 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from .adapt import _window_of_table
+from ..backbones.swin import infer_swin_kwargs
+from ..core.checkpoint import read_torch_file, unwrap_state_dict
+from ..core.folder import push_to_hub as hub_push
+from ..core.folder import read_model_dir, save_pretrained
+from ..core.hf import parse_hub_name
+from ..core.registry import (
+    ConversionRules,
+    PretrainedCfg,
+    get_conversion_rules,
+    get_pretrained_cfg,
+    register_conversion_rules,
+    resolve_model_name,
+)
+from ..version import __version__
+from .factory import create_model
 
 __all__ = [
     "ConversionError",
@@ -96,125 +108,6 @@ class ConversionError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------------
-# per-family rules
-
-
-@dataclass(frozen=True)
-class ConversionRules:
-    """How one model family's official checkpoints map onto semask models.
-
-    Args:
-        family: human-readable name used in messages ("SeMask-FPN (mmseg)").
-        required: source keys that identify the family; all must be present.
-        class_keys: ``(regex, offset)`` pairs; every matching source key has ``shape[0] == K + offset``
-            (e.g. ``("sem_seg_head.predictor.class_embed.weight", 1)`` for the no-object class).
-        infer: source state dict -> builder kwargs read from shapes (``embed_dim``, ``depths`` ...).
-            Applied to the model's own state dict as well, so only keys both agree on are compared.
-        rename: ``(src_prefix, dst_prefix)`` pairs, first match wins (identity when empty).
-        drop: regexes (``re.fullmatch``) of source keys that are not weights of the network
-            (e.g. ``criterion\\.empty_weight``).
-        tied: ``(regex, replacement)``: a source key matching ``regex`` duplicates the key
-            ``re.sub(regex, replacement, key)`` (shared modules). They must be equal; the duplicate is
-            used only if the model has that key too.
-        hints: ``(key prefix, message)``: shown when ``required`` keys are absent but the prefix occurs
-            (to point users at the right ``--model``).
-    """
-
-    family: str
-    required: Tuple[str, ...]
-    class_keys: Tuple[Tuple[str, int], ...]
-    infer: Callable[[Mapping[str, torch.Tensor]], Dict[str, Any]]
-    rename: Tuple[Tuple[str, str], ...] = ()
-    drop: Tuple[str, ...] = ()
-    tied: Tuple[Tuple[str, str], ...] = ()
-    hints: Tuple[Tuple[str, str], ...] = ()
-
-
-_RULES: List[Tuple[str, ConversionRules]] = []
-
-
-def register_conversion_rules(arch_pattern: str, rules: ConversionRules) -> None:
-    """Attach ``rules`` to the architectures matching the wildcard ``arch_pattern``
-    (e.g. ``"semask_swin_*_fpn"``); later registrations take precedence."""
-    _RULES.insert(0, (arch_pattern, rules))
-
-
-def get_conversion_rules(architecture: str) -> ConversionRules:
-    for pattern, rules in _RULES:
-        if fnmatch.fnmatch(architecture, pattern):
-            return rules
-    families = ", ".join(p for p, _ in _RULES) or "none"
-    raise ValueError(f"no converter for {architecture!r}; official checkpoints can be converted for: {families}")
-
-
-# --------------------------------------------------------------------------------------------------
-# architecture inference from shapes
-
-
-def _indices(keys: Sequence[str], pattern: str) -> List[int]:
-    rx = re.compile(pattern)
-    return sorted({int(m.group(1)) for k in keys if (m := rx.match(k))})
-
-
-def infer_swin_kwargs(sd: Mapping[str, torch.Tensor], prefix: str = "backbone.") -> Dict[str, Any]:
-    """SeMaskSwinTransformer kwargs that tensor shapes determine: ``in_chans, patch_size, embed_dim,
-    depths, num_heads, window_size, mlp_ratio, qkv_bias, out_indices, ape, semantic_layers,
-    num_sem_blocks``.
-
-    The per-stage windowed/global pattern and the semantic window are not visible in the weights.
-    """
-    p = re.escape(prefix)
-    keys = list(sd)
-    proj = sd.get(f"{prefix}patch_embed.proj.weight")
-    if proj is None:
-        return {}
-    stages = _indices(keys, rf"{p}layers\.(\d+)\.")
-    out: Dict[str, Any] = dict(in_chans=proj.shape[1], patch_size=proj.shape[-1], embed_dim=proj.shape[0])
-    out["depths"] = tuple(len(_indices(keys, rf"{p}layers\.{i}\.blocks\.(\d+)\.")) for i in stages)
-    heads, windows = [], set()
-    for i in stages:
-        table = sd.get(f"{prefix}layers.{i}.blocks.0.attn.relative_position_bias_table")
-        if table is None:
-            continue
-        heads.append(table.shape[1])
-        windows.add(_window_of_table(table.shape[0]))  # the table has (2w-1)^2 rows
-    if len(heads) == len(stages):
-        out["num_heads"] = tuple(heads)
-    if len(windows) == 1:
-        out["window_size"] = windows.pop()
-    fc1 = sd.get(f"{prefix}layers.0.blocks.0.mlp.fc1.weight")
-    if fc1 is not None:
-        out["mlp_ratio"] = fc1.shape[0] / fc1.shape[1]
-    out["qkv_bias"] = f"{prefix}layers.0.blocks.0.attn.qkv.bias" in sd
-    out["out_indices"] = tuple(_indices(keys, rf"{p}norm(\d+)\."))
-    out["ape"] = f"{prefix}absolute_pos_embed" in sd
-    sem_blocks = tuple(len(_indices(keys, rf"{p}layers\.{i}\.semantic_layer\.class_injection\.(\d+)\."))
-                       for i in stages)
-    out["semantic_layers"] = any(sem_blocks)
-    if any(sem_blocks):
-        out["num_sem_blocks"] = sem_blocks
-    return out
-
-
-def _infer_fpn(sd: Mapping[str, torch.Tensor]) -> Dict[str, Any]:
-    out = infer_swin_kwargs(sd, "backbone.")
-    seg = sd.get("decode_head.conv_seg.weight")
-    if seg is not None:
-        out["fpn_channels"] = seg.shape[1]
-    return out
-
-
-register_conversion_rules("semask_swin_*_fpn", ConversionRules(
-    family="SeMask-FPN (mmseg)",
-    required=("backbone.patch_embed.proj.weight", "decode_head.conv_seg.weight"),
-    class_keys=((r"decode_head\.conv_seg\.weight", 0), (r"backbone\..*\.mlp_cls_[qk]\.weight", 0)),
-    infer=_infer_fpn,
-    hints=(("sem_seg_head.", "it looks like a detectron2 checkpoint (MaskFormer / Mask2Former / FaPN); "
-                            "choose the matching --model"),),
-))
-
-
-# --------------------------------------------------------------------------------------------------
 # reading
 
 
@@ -233,21 +126,6 @@ def _plain(value: Any) -> Any:
     return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
 
 
-def _numpy_safe_globals() -> list:
-    """numpy scalars/arrays that mmcv may store in ``meta`` (e.g. best scores): data only."""
-    try:
-        import numpy as np
-    except ImportError:  # pragma: no cover
-        return []
-    core = getattr(np, "_core", None) or np.core
-    out: list = [core.multiarray._reconstruct, core.multiarray.scalar, np.ndarray, np.dtype]
-    out += [type(np.dtype(t)) for t in ("float16", "float32", "float64", "int32", "int64", "bool")]
-    # files written under numpy 1.x (the official ones) name these numpy.core.multiarray.*
-    out += [(core.multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
-            (core.multiarray.scalar, "numpy.core.multiarray.scalar")]
-    return out
-
-
 def load_official_checkpoint(path: Union[str, os.PathLike]) -> Tuple[StateDict, Dict[str, Any]]:
     """``(state_dict, meta)`` of an official ``.pth`` (mmseg ``{'meta', 'state_dict'}``, detectron2
     ``{'model', ...}`` or a bare state dict), read with ``torch.load(weights_only=True)``.
@@ -256,43 +134,10 @@ def load_official_checkpoint(path: Union[str, os.PathLike]) -> Tuple[StateDict, 
     containers without tensors; FileNotFoundError when ``path`` does not exist.
     """
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"checkpoint {p} does not exist")
-    try:
-        with torch.serialization.safe_globals(_numpy_safe_globals()):
-            obj = torch.load(p, map_location="cpu", weights_only=True, mmap=False)
-    except pickle.UnpicklingError as e:
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            found = re.findall(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-            raise ValueError(
-                f"{p} holds pickled Python objects that are not tensors ({', '.join(found) or 'see below'}); "
-                "they were NOT loaded, because unpickling them could run arbitrary code. If you trust the file, "
-                "re-save only its tensors: torch.save({'state_dict': sd}, 'clean.pth')."
-            ) from e
-        raise ValueError(f"cannot read {p}: it is corrupt or not a PyTorch checkpoint ({e})") from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, UnicodeDecodeError) as e:
-        raise ValueError(
-            f"cannot read {p}: the file is truncated or not a PyTorch checkpoint ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}); download it again"
-        ) from e
-    if not isinstance(obj, dict):
-        raise ValueError(f"{p} holds a {type(obj).__name__}, not a checkpoint dict")
-    meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
-    for key in ("state_dict", "model"):
-        if isinstance(obj.get(key), dict):
-            sd = obj[key]
-            break
-    else:
-        sd = obj  # a bare state dict
-    tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
-    if not tensors:
-        raise ValueError(f"{p} has no tensors under 'state_dict' or 'model' (keys: {sorted(obj)[:10]})")
-    others = sorted(k for k in sd if k not in tensors)
-    if others:
-        raise ValueError(f"{p}: state dict entries that are not tensors: {others[:10]}")
-    if all(k.startswith("module.") for k in tensors):  # saved from a DDP wrapper
-        tensors = {k[len("module."):]: v for k, v in tensors.items()}
-    return tensors, meta
+    if p.is_dir():
+        raise ValueError(f"{p} is a folder, not a checkpoint file: pass the official .pth file itself (a folder "
+                         "written by semask convert / save_pretrained needs no conversion: semask.from_pretrained)")
+    return unwrap_state_dict(read_torch_file(p), str(p))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -374,8 +219,6 @@ def _plan_model(
     name: str, src: Mapping[str, torch.Tensor], rules: ConversionRules, overrides: Dict[str, Any]
 ) -> Tuple[int, Dict[str, Any], List[str]]:
     """(K, builder kwargs, notes) for ``name`` given the checkpoint's shapes (see module doc)."""
-    from ..models._registry import create_model, get_pretrained_cfg, resolve_model_name
-
     arch, tag = resolve_model_name(name)
     cfg = get_pretrained_cfg(name) if tag else None
     notes: List[str] = []
@@ -459,12 +302,6 @@ def convert_official_checkpoint(
     Returns the folder. Raises :class:`ConversionError` (a ValueError) with a key-level report when the
     checkpoint does not fit; then nothing is written.
     """
-    from ..models._registry import PretrainedCfg, create_model, resolve_model_name
-    from ..version import __version__
-    from .hf import parse_hub_name
-    from .io import push_to_hub as hub_push
-    from .io import read_model_dir, save_pretrained
-
     say = log or (lambda msg: None)
     src, dst = Path(src), Path(dst_dir)
     if push_to_hub:

@@ -1,7 +1,10 @@
-"""Model assembly, registry and pretrained configs."""
-from ._registry import (
+"""Segmentors (FPN / SegFormer heads, MaskFormer family) and their pretrained tags.
+
+Registering them only needs the leaf registry (:mod:`semask.core.registry`); ``create_model`` is in
+:mod:`semask.hub.factory` (also ``semask.create_model``).
+"""
+from ..core.registry import (
     PretrainedCfg,
-    create_model,
     get_pretrained_cfg,
     list_models,
     list_pretrained,
@@ -11,7 +14,6 @@ from ._registry import (
 
 __all__ = [
     "PretrainedCfg",
-    "create_model",
     "get_pretrained_cfg",
     "list_models",
     "list_pretrained",

@@ -1,15 +1,23 @@
 """SeMask-FPN segmentation models: SeMask Swin backbone + Semantic-FPN head + light semantic decoder."""
 from __future__ import annotations
 
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Mapping, Tuple
 
-from ..backbones.swin import swin_arch_kwargs
+import torch
+
+from ..backbones.swin import infer_swin_kwargs, swin_arch_kwargs
+from ..core.registry import (
+    ConversionRules,
+    PretrainedCfg,
+    register_conversion_rules,
+    register_model,
+    register_pretrained_cfgs,
+)
 from ..data.classes import get_dataset_meta
-from ._registry import PretrainedCfg, register_model, register_pretrained_cfgs
 from .generic import create_segmentor
 from .segmentor import SeMaskSegmentor
 
-__all__ = ["create_swin_fpn"]
+__all__ = ["FPN_CONVERSION_RULES", "create_swin_fpn", "infer_fpn_kwargs"]
 
 _W, _G = False, True
 
@@ -115,3 +123,29 @@ def _fpn_tag(size: str, dataset: str) -> PretrainedCfg:
 
 for _size in ("tiny", "small", "base", "large"):
     register_pretrained_cfgs(f"semask_swin_{_size}_fpn", {ds: _fpn_tag(_size, ds) for ds in _RELEASES})
+
+
+# --------------------------------------------------------------------------------------------------
+# Official mmseg SeMask-FPN checkpoints -> our state dict (rules for semask.hub.convert, `semask convert`):
+# module names match one to one, so only the architecture has to be read off the shapes.
+
+
+def infer_fpn_kwargs(sd: Mapping[str, torch.Tensor]) -> Dict[str, Any]:
+    """Builder kwargs that the shapes of an mmseg SeMask-FPN state dict determine (backbone sizes and
+    the FPN width); the semantic W/G pattern is not visible."""
+    out = infer_swin_kwargs(sd, "backbone.")
+    seg = sd.get("decode_head.conv_seg.weight")
+    if seg is not None:
+        out["fpn_channels"] = seg.shape[1]
+    return out
+
+
+FPN_CONVERSION_RULES = ConversionRules(
+    family="SeMask-FPN (mmseg)",
+    required=("backbone.patch_embed.proj.weight", "decode_head.conv_seg.weight"),
+    class_keys=((r"decode_head\.conv_seg\.weight", 0), (r"backbone\..*\.mlp_cls_[qk]\.weight", 0)),
+    infer=infer_fpn_kwargs,
+    hints=(("sem_seg_head.", "it looks like a detectron2 checkpoint (MaskFormer / Mask2Former / FaPN); "
+                            "choose the matching --model"),),
+)
+register_conversion_rules("semask_swin_*_fpn", FPN_CONVERSION_RULES)

@@ -16,7 +16,7 @@ from ..backbones import mit as _mit  # noqa: F401  (registers the semask_mit_b* 
 from ..backbones.wrap import wrap
 from ..decoders.fpn import FPNHead
 from ..decoders.segformer import SegFormerHead
-from ._registry import get_entrypoint, list_models, register_model
+from ..core.registry import get_entrypoint, list_models, register_model
 from .segmentor import SeMaskSegmentor
 
 __all__ = ["build_semask_backbone", "create_segmentor"]
@@ -29,14 +29,15 @@ def build_semask_backbone(
 
     ``backbone``: a semask backbone name (built with ``kwargs``; ``pretrained`` as its entry point takes
     it, e.g. True / a SegFormer checkpoint for ``semask_mit_b*``), a timm name (:func:`semask.wrap`;
-    ``pretrained=True`` loads timm's weights first), a timm instance (wrapped), or a SeMask backbone
+    ``pretrained``: True loads timm's default weights, a path / ``hf-hub:`` id the user's, through
+    semask's safe loader), a timm instance (wrapped), or a SeMask backbone
     instance (used as is).
     """
     if isinstance(backbone, str):
         if backbone in list_models(kind="backbone"):
             extra = dict(pretrained=pretrained) if pretrained else {}
             return get_entrypoint(backbone)(num_classes=num_classes, **extra, **kwargs)
-        return wrap(backbone, num_classes, pretrained=bool(pretrained), **kwargs)
+        return wrap(backbone, num_classes, pretrained=pretrained, **kwargs)
     if not isinstance(backbone, nn.Module):
         raise TypeError(f"backbone must be a model name or nn.Module, got {type(backbone).__name__}")
     if pretrained:

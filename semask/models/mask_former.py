@@ -18,14 +18,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..backbones._base import check_image_input
-from ..backbones.swin import SeMaskSwinTransformer, swin_arch_kwargs
+from ..backbones.swin import SeMaskSwinTransformer, infer_swin_kwargs, swin_arch_kwargs
+from ..core.mixin import HubMixin
+from ..core.registry import (
+    ConversionRules,
+    PretrainedCfg,
+    register_conversion_rules,
+    register_model,
+    register_pretrained_cfgs,
+)
 from ..data.classes import get_dataset_meta
 from ..decoders.fapn import MSDeformAttnPixelFANDecoder, PixelFANDecoder
 from ..decoders.fpn import SemanticDecoder
 from ..decoders.mask2former import MSDeformAttnPixelDecoder, MultiScaleMaskedTransformerDecoder
 from ..decoders.maskformer import BasePixelDecoder, TransformerPredictor
-from ._registry import PretrainedCfg, register_model, register_pretrained_cfgs
-from ..hub.convert import ConversionRules, infer_swin_kwargs, register_conversion_rules
 from .criterion import HungarianMatcher, SetCriterion, semantic_targets
 
 __all__ = ["SeMaskMaskFormer", "SemSegHead", "create_semask_mask_former", "infer_d2_kwargs", "D2_CONVERSION_RULES", "FAMILIES"]
@@ -62,7 +68,7 @@ class SemSegHead(nn.Module):
         return self.predictor(x, mask_features), mask_features, multi_scale
 
 
-class SeMaskMaskFormer(nn.Module):
+class SeMaskMaskFormer(HubMixin, nn.Module):
     """SeMask backbone + a MaskFormer-family head, with the official training criterion.
 
     * ``model(images)`` -> semantic scores (B, K, H, W) = ``softmax(cls)[..., :-1]`` x ``sigmoid(masks)``
@@ -72,6 +78,8 @@ class SeMaskMaskFormer(nn.Module):
       the auxiliary predictions) and ``logits`` (the scores above). Labels: (B, H, W) ints.
     * ``model.forward_all(images)`` -> every intermediate (features, priors, sem_pred, mask_features,
       multi_scale, pred_logits, pred_masks, aux_outputs).
+    * ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` (:class:`semask.core.mixin.HubMixin`)
+      for models built by ``semask.create_model``.
 
     Args:
         backbone: a ``SeMaskSwinTransformer`` with out_indices (0, 1, 2, 3).

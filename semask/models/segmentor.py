@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..decoders.fpn import SemanticDecoder
-from ..hub.mixin import HubMixin
+from ..core.mixin import HubMixin
 from ..layers import SemanticAttention
 from ..losses import ohem_weights, segmentation_ce
 
@@ -28,7 +28,7 @@ class SeMaskSegmentor(HubMixin, nn.Module):
       ``head_sem`` (stride 4) and ``logits``.
     * ``semask.optimize(model)`` turns on the opt-in CPU inference fast paths (same outputs).
     * ``model.save_pretrained(dir)`` / ``model.push_to_hub(repo)`` / ``SeMaskSegmentor.from_pretrained(dir_or_repo)``
-      (:class:`semask.hub.HubMixin`).
+      (:class:`semask.core.mixin.HubMixin`).
 
     Args:
         backbone: returns ``(features, priors)``; must expose ``feature_info`` and ``num_classes``.

@@ -6,7 +6,8 @@ from typing import List, Optional
 
 import torch
 
-from ._registry import create_model, get_pretrained_cfg, list_models
+from ..core.build import build_model
+from ..core.registry import get_pretrained_cfg, list_models
 
 __all__ = ["ZooRow", "model_zoo", "model_zoo_markdown", "count_flops"]
 
@@ -50,7 +51,7 @@ def model_zoo(pattern: str = "", flops: bool = True) -> List[ZooRow]:
     for full in names:
         cfg = get_pretrained_cfg(full) if "." in full else None
         with torch.device("meta"):
-            model = create_model(full).eval()
+            model = build_model(full).eval()
         crop = tuple(cfg.crop_size) if cfg is not None else (512, 512)
         rows.append(ZooRow(
             name=full, dataset=cfg.dataset if cfg else "–", num_classes=model.num_classes,
