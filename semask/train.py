@@ -280,7 +280,7 @@ def find_checkpoint(path: os.PathLike) -> Tuple[Path, Dict[str, Any]]:
     """(folder, trainer state) of the complete checkpoint to resume from ``path``: ``path`` itself,
     or the previous checkpoint ``<path>.old`` when a save was interrupted while replacing it."""
     p = Path(path)
-    _, old = _siblings(p)
+    tmp, old = _siblings(p)
     try:
         return p, verify_checkpoint(p)
     except (CheckpointError, FileNotFoundError) as e:
@@ -289,6 +289,9 @@ def find_checkpoint(path: os.PathLike) -> Tuple[Path, Dict[str, Any]]:
                 return old, verify_checkpoint(old)
             except (CheckpointError, FileNotFoundError):
                 pass
+        if not p.exists() and not old.exists() and tmp.exists():
+            raise CheckpointError(f"{p} was never completed: the run stopped during its first save, so there is "
+                                  "no checkpoint to resume from; start over without --resume") from None
         raise e
 
 
