@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import accel
+from .data.imageio import pil_to_array, read_image
 from .data.transforms import keep_ratio_size, resize_image
 from .core.registry import IMAGENET_MEAN_255, IMAGENET_STD_255
 
@@ -44,13 +45,11 @@ def to_image_tensor(image: ImageInput) -> torch.Tensor:
     (3, H, W) tensor (uint8 0..255, float 0..1 as in torchvision).
     """
     if isinstance(image, (str, os.PathLike)):
-        from .data.datasets import read_image
-
         if not Path(image).exists():
             raise FileNotFoundError(f"image file {image} does not exist")
         return read_image(image).float()
     if type(image).__module__.startswith("PIL"):
-        image = np.array(image.convert("RGB"))
+        image = pil_to_array(image)  # EXIF orientation, alpha, 16-bit and float modes as for files
     if isinstance(image, np.ndarray):
         if image.ndim == 2:
             image = np.repeat(image[..., None], 3, axis=-1)

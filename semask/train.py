@@ -10,9 +10,11 @@ on a global batch of ``batch_size x accum_steps x world_size`` images.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +23,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
 
@@ -31,7 +34,8 @@ from .metrics import SegmentationMetric
 
 __all__ = [
     "TrainConfig", "Trainer", "evaluate", "poly_warmup_factor", "build_optimizer", "init_distributed",
-    "save_checkpoint", "load_checkpoint", "set_dataset_cfg", "unwrap",
+    "save_checkpoint", "load_checkpoint", "verify_checkpoint", "find_checkpoint", "CheckpointError",
+    "set_dataset_cfg", "unwrap",
 ]
 
 
@@ -155,40 +159,182 @@ def _unflatten_optimizer(tensors: Dict[str, torch.Tensor], meta: Dict[str, Any])
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+CHECKPOINT_FORMAT = "semask-train-checkpoint"
+_STATE_NAME, _OPTIM_NAME = "trainer_state.json", "optimizer.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A training checkpoint that is incomplete, damaged or does not fit the model / optimizer."""
+
+
+def _fsync(path: Path) -> None:
+    if os.name == "nt" and path.is_dir():  # folders cannot be opened (or fsynced) on Windows
+        return
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _siblings(path: Path) -> Tuple[Path, Path]:
+    """(folder being written, previous checkpoint kept until the new one is in place)."""
+    return path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+
+
 def save_checkpoint(path: os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer, iteration: int,
-                    scaler: Optional[Any] = None, extra: Optional[Dict[str, Any]] = None) -> Path:
+                    scaler: Optional[Any] = None, extra: Optional[Dict[str, Any]] = None,
+                    scheduler: Optional[Any] = None) -> Path:
     """A resumable checkpoint folder: the model folder (config.json + model.safetensors) plus
-    ``optimizer.safetensors`` (moment tensors) and ``trainer_state.json`` (iteration, groups, RNG)."""
-    out = save_pretrained(unwrap(model), path)
+    ``optimizer.safetensors`` (moment tensors, RNG) and ``trainer_state.json`` (iteration, groups,
+    scheduler, sizes and SHA-256 of the other files).
+
+    Atomic: everything is written and fsynced in ``<path>.tmp``; then the previous checkpoint is
+    moved to ``<path>.old``, the new one renamed to ``path`` and the old one deleted. A crash at any
+    point leaves a complete checkpoint at ``path`` or (between the two renames) ``<path>.old``,
+    which :func:`load_checkpoint` falls back to.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp, old = _siblings(final)
+    if not final.exists() and old.exists():  # an earlier save died between its two renames
+        os.rename(old, final)
+    for stale in (tmp, old):
+        if stale.exists():
+            shutil.rmtree(stale)
+    save_pretrained(unwrap(model), tmp, model_card=False)
     tensors, meta = _flatten_optimizer(optimizer.state_dict())
     tensors["rng.torch"] = torch.get_rng_state()
-    save_file(tensors, str(out / "optimizer.safetensors"))
-    meta.update(iteration=iteration, scaler=scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+    save_file(tensors, str(tmp / _OPTIM_NAME), metadata={"iteration": str(int(iteration))})
+    files = sorted(f.name for f in tmp.iterdir())
+    meta.update(format=CHECKPOINT_FORMAT, iteration=int(iteration),
+                scaler=scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+                scheduler=_scheduler_state(scheduler),
+                files={n: dict(size=(tmp / n).stat().st_size, sha256=_sha256(tmp / n)) for n in files},
                 **(extra or {}))
-    (out / "trainer_state.json").write_text(json.dumps(meta, indent=1, default=float))
-    return out
+    (tmp / _STATE_NAME).write_text(json.dumps(meta, indent=1, default=float))
+    for n in files + [_STATE_NAME]:
+        _fsync(tmp / n)
+    _fsync(tmp)
+    if final.exists():
+        os.rename(final, old)
+    os.rename(tmp, final)
+    _fsync(final.parent)
+    if old.exists():
+        shutil.rmtree(old)
+    return final
+
+
+def _scheduler_state(scheduler: Optional[Any]) -> Optional[Dict[str, Any]]:
+    if scheduler is None:
+        return None
+    return {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+
+
+def verify_checkpoint(path: os.PathLike) -> Dict[str, Any]:
+    """The trainer state of a complete checkpoint folder; a :class:`CheckpointError` (or
+    FileNotFoundError) saying what is wrong otherwise. Every file listed in the state must have the
+    recorded size and SHA-256, so model, optimizer and state come from one save."""
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {p} does not exist; resume from <out>/last_checkpoint")
+    state_file = p / _STATE_NAME
+    if not state_file.exists():
+        raise CheckpointError(f"{p} is not a complete training checkpoint (no {_STATE_NAME}); resume from "
+                              "<out>/last_checkpoint")
+    try:
+        meta = json.loads(state_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{state_file} is damaged (not valid JSON: {e}); resume from an intact checkpoint "
+                              "or start over without --resume") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("iteration"), int) or meta["iteration"] < 0 \
+            or not isinstance(meta.get("param_groups"), list):
+        raise CheckpointError(f"{state_file} is not a semask trainer state (needs an integer 'iteration' and "
+                              "the optimizer's 'param_groups'); resume from <out>/last_checkpoint")
+    sched = meta.get("scheduler")
+    if isinstance(sched, dict) and sched.get("last_epoch", meta["iteration"]) != meta["iteration"]:
+        raise CheckpointError(f"{state_file} is inconsistent: scheduler at step {sched.get('last_epoch')}, "
+                              f"trainer at iteration {meta['iteration']}; resume from an intact checkpoint")
+    files = meta.get("files")
+    if files is not None:  # checkpoints of earlier versions have no manifest: their files are checked on load
+        for name, rec in files.items():
+            f = p / name
+            if not f.is_file():
+                raise CheckpointError(f"checkpoint {p} is incomplete: {name} is missing")
+            if f.stat().st_size != rec.get("size") or _sha256(f) != rec.get("sha256"):
+                raise CheckpointError(f"checkpoint {p} is damaged: {name} is not the file saved with {_STATE_NAME} "
+                                      f"(size {f.stat().st_size}, expected {rec.get('size')}); resume from an "
+                                      "intact checkpoint or start over without --resume")
+    return meta
+
+
+def find_checkpoint(path: os.PathLike) -> Tuple[Path, Dict[str, Any]]:
+    """(folder, trainer state) of the complete checkpoint to resume from ``path``: ``path`` itself,
+    or the previous checkpoint ``<path>.old`` when a save was interrupted while replacing it."""
+    p = Path(path)
+    tmp, old = _siblings(p)
+    try:
+        return p, verify_checkpoint(p)
+    except (CheckpointError, FileNotFoundError) as e:
+        if old.is_dir():
+            try:
+                return old, verify_checkpoint(old)
+            except (CheckpointError, FileNotFoundError):
+                pass
+        if not p.exists() and not old.exists() and tmp.exists():
+            raise CheckpointError(f"{p} was never completed: the run stopped during its first save, so there is "
+                                  "no checkpoint to resume from; start over without --resume") from None
+        raise e
 
 
 def load_checkpoint(path: os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scaler: Optional[Any] = None) -> Dict[str, Any]:
-    """Restore what :func:`save_checkpoint` wrote (no unpickling); returns the trainer state."""
+                    scaler: Optional[Any] = None, scheduler: Optional[Any] = None) -> Dict[str, Any]:
+    """Restore what :func:`save_checkpoint` wrote (no unpickling) from the complete checkpoint that
+    :func:`find_checkpoint` picks; returns the trainer state (``"path"``: the folder used)."""
     from .hub.io import read_model_dir
 
-    p = Path(path)
-    if not (p / "trainer_state.json").exists():
-        raise FileNotFoundError(f"{p} is not a training checkpoint (no trainer_state.json); resume from "
-                                "<out>/last_checkpoint")
-    _, state = read_model_dir(p)
-    unwrap(model).load_state_dict(state)
-    meta = json.loads((p / "trainer_state.json").read_text())
-    tensors = load_file(str(p / "optimizer.safetensors"))
+    p, meta = find_checkpoint(path)
+    try:
+        _, state = read_model_dir(p)
+        unwrap(model).load_state_dict(state)
+    except (ValueError, RuntimeError, OSError) as e:
+        raise CheckpointError(f"the model in checkpoint {p} cannot be restored ({_one_line(e)})") from None
+    optim_file = p / _OPTIM_NAME
+    try:
+        tensors = load_file(str(optim_file))
+        with safe_open(str(optim_file), "pt") as f:
+            saved_at = (f.metadata() or {}).get("iteration")
+    except Exception as e:  # safetensors raises its own error types for truncated / corrupt files
+        raise CheckpointError(f"{optim_file} is truncated or corrupt ({_one_line(e)}); resume from an intact "
+                              "checkpoint or start over without --resume") from None
+    if saved_at is not None and int(saved_at) != meta["iteration"]:
+        raise CheckpointError(f"checkpoint {p} mixes two saves: {_OPTIM_NAME} is from iteration {saved_at}, "
+                              f"{_STATE_NAME} from {meta['iteration']}; resume from an intact checkpoint")
     rng = tensors.pop("rng.torch", None)
-    optimizer.load_state_dict(_unflatten_optimizer(tensors, meta))
+    try:
+        optimizer.load_state_dict(_unflatten_optimizer(tensors, meta))
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise CheckpointError(f"the optimizer state in {p} does not fit this model's optimizer ({_one_line(e)}): "
+                              "resume with the model and options of the run that wrote it") from None
     if rng is not None:
         torch.set_rng_state(rng)
     if scaler is not None and meta.get("scaler"):
         scaler.load_state_dict(meta["scaler"])
-    return meta
+    if scheduler is not None and meta.get("scheduler"):
+        scheduler.load_state_dict(dict(meta["scheduler"], lr_lambdas=[None] * len(scheduler.lr_lambdas)))
+    return dict(meta, path=str(p))
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:300]
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -282,10 +428,16 @@ class Trainer:
         if resume is not None:
             meta = load_checkpoint(resume, self.model, self.optimizer, self.scaler)
             self.start_iter = int(meta["iteration"])
+            if self.start_iter > config.iters:
+                raise CheckpointError(f"checkpoint {meta['path']} is at iteration {self.start_iter}, past iters="
+                                      f"{config.iters}: resume with at least that many iterations")
+            # the schedule is a function of the iteration (also for checkpoints without scheduler state)
             self.scheduler.last_epoch = self.start_iter
             for g, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
                 g["lr"] = base * poly_warmup_factor(self.start_iter, config)
-            self.log(f"resumed from {resume} at iteration {self.start_iter}")
+            self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+            note = "" if Path(meta["path"]) == Path(resume) else " (the last save was interrupted: its previous checkpoint)"
+            self.log(f"resumed from {meta['path']} at iteration {self.start_iter}{note}")
 
     def _loader(self) -> Iterator[Dict[str, Any]]:
         cfg = self.cfg
@@ -366,19 +518,49 @@ class Trainer:
             if self.val_set is not None and cfg.eval_interval and done % cfg.eval_interval == 0 and done < cfg.iters:
                 self._eval_and_log(done)
             if self.out_dir is not None and cfg.save_interval and done % cfg.save_interval == 0 and self.rank == 0:
-                save_checkpoint(self.out_dir / "last_checkpoint", self.model, self.optimizer, done, self.scaler)
+                self._checkpoint(done)
         res.seconds = time.perf_counter() - t0
         res.images_per_s = seen / max(res.seconds, 1e-9)
         res.iterations = cfg.iters
-        if self.val_set is not None:
-            self._eval_and_log(cfg.iters)
+        # save before the final evaluation: an evaluation that fails must not lose the trained model
         if self.out_dir is not None and self.rank == 0:
-            save_checkpoint(self.out_dir / "last_checkpoint", self.model, self.optimizer, cfg.iters, self.scaler)
-            save_pretrained(unwrap(self.model), self.out_dir)
-            (self.out_dir / "train_log.json").write_text(json.dumps(
-                dict(config=cfg.to_dict(), history=res.history, evals=res.evals, images_per_s=res.images_per_s),
-                indent=1, default=float))
+            if not (cfg.save_interval and cfg.iters % cfg.save_interval == 0 and self.start_iter < cfg.iters):
+                self._checkpoint(cfg.iters)
+            self._save_model()
+            self._write_log()
+        if self.val_set is not None:
+            try:
+                self._eval_and_log(cfg.iters)
+            except Exception:
+                if self.out_dir is not None:
+                    self.log(f"the final evaluation failed; the trained model is saved in {self.out_dir}")
+                raise
+            if self.out_dir is not None and self.rank == 0:
+                self._write_log()
         return res
+
+    def _checkpoint(self, iteration: int) -> None:
+        save_checkpoint(self.out_dir / "last_checkpoint", self.model, self.optimizer, iteration, self.scaler,
+                        scheduler=self.scheduler)
+
+    def _save_model(self) -> None:
+        """The model folder in ``out_dir``: written to a temporary folder, each file then renamed into place."""
+        tmp = self.out_dir / ".model.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        save_pretrained(unwrap(self.model), tmp)
+        for f in sorted(tmp.iterdir()):
+            _fsync(f)
+            os.replace(f, self.out_dir / f.name)
+        _fsync(self.out_dir)
+        tmp.rmdir()
+
+    def _write_log(self) -> None:
+        res = self.result
+        tmp = self.out_dir / "train_log.json.tmp"
+        tmp.write_text(json.dumps(dict(config=self.cfg.to_dict(), history=res.history, evals=res.evals,
+                                       images_per_s=res.images_per_s), indent=1, default=float))
+        os.replace(tmp, self.out_dir / "train_log.json")
 
     def _eval_and_log(self, it: int) -> None:
         m = self.last_metrics = self.evaluate()

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from .data.imageio import pil_to_array
+
 __all__ = ["default_palette", "colorize", "overlay", "prior_maps", "make_panel", "legend", "save"]
 
 Palette = Sequence[Sequence[int]]
@@ -43,7 +45,7 @@ def colorize(label, palette: Palette, ignore_index: int = 255, ignore_color: Tup
 def _hwc_image(image) -> np.ndarray:
     """A (3, H, W) tensor / (H, W, 3) array / PIL image -> (H, W, 3) uint8."""
     if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
+        return pil_to_array(image)  # the readers' conversion (EXIF orientation, 16-bit, float, alpha)
     arr = _np(image)
     if arr.ndim == 3 and arr.shape[0] == 3 and arr.shape[-1] != 3:
         arr = arr.transpose(1, 2, 0)

@@ -110,7 +110,7 @@ def test_checkpoint_resume_without_pickle(tmp_path):
     assert r.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * poly_warmup_factor(2, r.cfg))
     r.fit()
     assert r.result.history[0]["iteration"] == 3
-    with pytest.raises(FileNotFoundError, match="trainer_state"):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
         Trainer(tiny_model(), scenes(), cfg(), resume=tmp_path / "nowhere")
 
 

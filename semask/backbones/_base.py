@@ -10,8 +10,10 @@ from ..layers import SemanticLayer
 __all__ = ["SemanticFeaturesMixin", "check_image_input", "normalize_out_indices", "per_stage_flags", "per_stage_ints"]
 
 
-def check_image_input(x: torch.Tensor, in_chans: int) -> None:
-    """Raise a ValueError naming the expected layout unless x is a float (B, in_chans, H, W) tensor."""
+def check_image_input(x: torch.Tensor, in_chans: int, weight_dtype: Optional[torch.dtype] = None) -> None:
+    """Raise a ValueError saying what to do unless x is a non-empty float (B, in_chans, H, W) tensor
+    (of ``weight_dtype``, the model's parameter dtype, when given; autocast may also run fp32 / fp16 /
+    bf16 input in its compute dtype)."""
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"expected a torch.Tensor of shape (B, {in_chans}, H, W), got {type(x).__name__}")
     if x.ndim != 4:
@@ -29,6 +31,20 @@ def check_image_input(x: torch.Tensor, in_chans: int) -> None:
             f"expected a floating-point image tensor, got dtype {x.dtype}; convert with x.float() and "
             "normalise it (e.g. semask.predict does this for uint8 images)"
         )
+    if x.shape[0] == 0:
+        raise ValueError(f"got an empty batch (shape {tuple(x.shape)}): pass at least one image")
+    if x.shape[2] == 0 or x.shape[3] == 0:
+        raise ValueError(f"got images of size {x.shape[2]}x{x.shape[3]} (shape {tuple(x.shape)}): height and "
+                         "width must be at least 1 pixel")
+    if weight_dtype is not None and x.dtype != weight_dtype:
+        # autocast casts fp32 / fp16 / bf16 inputs of convs and matmuls to its dtype (float64 never)
+        autocast = x.dtype != torch.float64 and torch.is_autocast_enabled(x.device.type)
+        if not autocast:
+            raise ValueError(
+                f"the input is {x.dtype} but the model's weights are {weight_dtype}: cast the input with "
+                f"x.to({weight_dtype}) (numpy arrays are float64 by default), or the model with "
+                f"model.to({x.dtype}), or run under torch.autocast"
+            )
 
 
 def normalize_out_indices(out_indices: Sequence[int], num_stages: int) -> Tuple[int, ...]:

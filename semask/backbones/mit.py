@@ -77,12 +77,20 @@ class EfficientAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
+    def _reduce(self, m: torch.Tensor) -> torch.Tensor:
+        """The ``sr_ratio``-strided conv of the (B, C, H, W) map. A map side under ``sr_ratio`` (images under
+        29 px in stage 1) would give no key at all: it is zero-padded to one ``sr_ratio`` patch (the conv
+        is unchanged for every size that has a full patch, where the rest is dropped as in SegFormer)."""
+        r = self.sr_ratio
+        ph, pw = max(r - m.shape[2], 0), max(r - m.shape[3], 0)
+        return self.sr(F.pad(m, (0, pw, 0, ph)) if ph or pw else m)
+
     def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
         """x: (B, N, C) tokens of an H x W map -> (B, N, C)."""
         b, n, c = x.shape
         h = self.num_heads
         q = self.q(x).view(b, n, h, c // h).transpose(1, 2)
-        kv_in = self.sr_norm(self.sr(_tokens_to_map(x, hw)).flatten(2).transpose(1, 2)) if self.sr_ratio > 1 else x
+        kv_in = self.sr_norm(self._reduce(_tokens_to_map(x, hw)).flatten(2).transpose(1, 2)) if self.sr_ratio > 1 else x
         k, v = self.kv(kv_in).view(b, -1, 2, h, c // h).permute(2, 0, 3, 1, 4).unbind(0)
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c)))
@@ -162,7 +170,7 @@ class MiTStage(nn.Module):
 class SeMaskMiT(SemanticFeaturesMixin, nn.Module):
     """SeMask Mix Transformer: SegFormer's MiT with a semantic layer before each stage norm.
 
-    ``forward(x)`` takes images ``(B, in_chans, H, W)`` (any size) and returns ``(features, priors)``:
+    ``forward(x)`` takes images ``(B, in_chans, H, W)`` (any size, down to 1x1) and returns ``(features, priors)``:
     lists with one NCHW tensor per index in ``out_indices``; stage i has ``embed_dims[i]`` channels at
     stride ``4 * 2**i`` (conv arithmetic: ``ceil`` of the size), priors have ``num_classes`` channels
     (raw logits). ``semantic_layers=False`` gives the plain MiT (``priors`` empty).
@@ -267,7 +275,7 @@ class SeMaskMiT(SemanticFeaturesMixin, nn.Module):
     def forward(self, x: torch.Tensor, with_priors: bool = True) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
         """x: (B, in_chans, H, W) float -> (features [B, C_i, H_i, W_i], priors [B, K, H_i, W_i]; empty
         with ``with_priors=False``)."""
-        check_image_input(x, self.in_chans)
+        check_image_input(x, self.in_chans, self.stages[0].patch_embed.proj.weight.dtype)
         feats: List[torch.Tensor] = []
         priors: List[torch.Tensor] = []
         last = max(self.out_indices)

@@ -23,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..data.datasets import build_dataset
+    from ..data.datasets import SegmentationFolder, build_dataset
     from ..train import evaluate
     from ._common import load_model
 
@@ -33,6 +33,8 @@ def run(args: argparse.Namespace) -> int:
         print("note: no --pretrained given, so the model has random weights", flush=True)
     model = semask.optimize(load_model(args.model, args.pretrained).to(pick_device(args.device)).eval())
     ds = build_dataset(args.format, args.data, args.split)
+    if isinstance(ds, SegmentationFolder):
+        ds.num_classes = int(model.num_classes)  # label ids >= K fail naming the file
     if args.max_images:
         ds = torch.utils.data.Subset(ds, range(min(args.max_images, len(ds))))
     k = int(model.num_classes)

@@ -7,6 +7,7 @@ the image), ``<stem>_priors.png`` (argmax of each stage's semantic prior, side b
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from ._common import add_inference_args, add_model_args, class_meta, inference_kwargs, load_model, pick_device, \
@@ -14,7 +15,7 @@ from ._common import add_inference_args, add_model_args, class_meta, inference_k
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("images", nargs="+", help="image files or folders (every image in a folder, recursively)")
     add_model_args(p, required=False)
     p.add_argument("--out", required=True, help="output folder")
     add_inference_args(p)
@@ -25,12 +26,22 @@ def run(args: argparse.Namespace) -> int:
     from PIL import Image
 
     import semask
-    from ..data.datasets import read_image
+    from ..data.datasets import IMAGE_EXTS, read_image
+    from ..data.imageio import ImageReadError
     from ..viz import save
 
-    missing = [p for p in args.images if not Path(p).is_file()]
+    missing = [p for p in args.images if not Path(p).exists()]
     if missing:
         raise SystemExit(f"error: image {missing[0]} does not exist")
+    inputs = []  # (path, output stem: folder inputs keep their relative sub-folders)
+    for arg in map(Path, args.images):
+        if not arg.is_dir():
+            inputs.append((arg, arg.stem))
+            continue
+        found = sorted(q for q in arg.rglob("*") if q.is_file() and q.name.lower().endswith(IMAGE_EXTS))
+        if not found:
+            raise SystemExit(f"error: folder {arg} has no images ({', '.join(IMAGE_EXTS)})")
+        inputs += [(q, str(q.relative_to(arg).with_suffix(""))) for q in found]
     if not args.pretrained:
         print("note: no --pretrained given, so the model has random weights", flush=True)
     model = semask.optimize(load_model(args.model, args.pretrained).to(pick_device(args.device)).eval())
@@ -38,13 +49,19 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     kw = inference_kwargs(args)
-    for path in args.images:
-        image = read_image(path)
+    skipped = []
+    for path, stem in inputs:
+        try:
+            image = read_image(path)
+        except ImageReadError as e:  # one unreadable file does not abort the batch
+            print(f"semask predict: warning: skipped: {e}", file=sys.stderr, flush=True)
+            skipped.append(path)
+            continue
         label = semask.predict(model, image, **kw)
         names, palette = class_meta(model, k or int(label.max()) + 1)
         priors = semantic_priors(model, image, resize=not args.no_resize)
         pics = prediction_pictures(image, label, priors, names, palette)
-        stem = Path(path).stem
+        (out / stem).parent.mkdir(parents=True, exist_ok=True)
         save(pics["labels"], out / f"{stem}_labels.png")
         save(pics["overlay"], out / f"{stem}_overlay.png")
         if "priors" in pics:
@@ -54,5 +71,9 @@ def run(args: argparse.Namespace) -> int:
         top = sorted(zip(counts.tolist(), ids.tolist()), reverse=True)[:5]
         share = ", ".join(f"{names[i]} {100 * c / label.numel():.0f}%" for c, i in top)
         print(f"{path}: {tuple(label.shape)} -> {out / stem}_{{labels,overlay,priors,ids}}.png  [{share}]")
+    if skipped:
+        print(f"semask predict: {len(skipped)} of {len(inputs)} images could not be read and were skipped",
+              file=sys.stderr)
+        return 1
     return 0
 

@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     import semask
-    from ..data.datasets import build_dataset
+    from ..data.datasets import SegmentationFolder, build_dataset
     from ..data.transforms import train_transforms
     from ..inference import model_cfg
     from ..metrics import format_metrics_table
@@ -68,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
     k = args.num_classes or (len(probe.classes) if getattr(probe, "classes", None) else None)
     if k is None:
         raise SystemExit("error: --num-classes K is required for --format folder")
+    torch.manual_seed(args.seed)  # --seed also fixes the initialisation (torch seeds each process randomly)
     model = semask.create_model(args.model, pretrained=args.pretrained or False, num_classes=k,
                                 pretrained_backbone=args.pretrained_backbone, **overrides)
     cfg = model_cfg(model)
@@ -80,6 +81,9 @@ def run(args: argparse.Namespace) -> int:
                           photometric=not args.no_photometric, mean=mean, std=std)
     train_set = build_dataset(args.format, args.data, args.train_split, transforms=tf)
     val_set = build_dataset(args.format, args.data, args.val_split) if args.val_split else None
+    for ds in (train_set, val_set):  # label ids >= K fail on load, naming the file (not inside the loss)
+        if isinstance(ds, SegmentationFolder):
+            ds.num_classes = k
     if val_set is not None and args.max_val_images:
         val_set = torch.utils.data.Subset(val_set, range(min(args.max_val_images, len(val_set))))
     names = list(probe.classes) if getattr(probe, "classes", None) and len(probe.classes) == k else None

@@ -18,10 +18,11 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .classes import get_dataset_meta
+from .imageio import ImageReadError, read_image
 
 __all__ = [
     "SegmentationFolder", "ADE20KDataset", "CityscapesDataset", "COCOStuff10kDataset", "CamVidDataset",
-    "DATASET_FORMATS", "build_dataset", "read_image", "collate_samples", "CITYSCAPES_LABEL_TO_TRAIN",
+    "DATASET_FORMATS", "build_dataset", "check_label", "read_image", "ImageReadError", "collate_samples", "CITYSCAPES_LABEL_TO_TRAIN",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -34,24 +35,33 @@ CITYSCAPES_LABEL_TO_TRAIN: Dict[int, int] = {
 }
 
 
-def read_image(path: PathLike) -> torch.Tensor:
-    """An image file as a uint8 (3, H, W) RGB tensor."""
-    with Image.open(path) as im:
-        arr = np.asarray(im.convert("RGB"))
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
-
-
 def _read_label(path: PathLike, lut: Optional[torch.Tensor]) -> torch.Tensor:
-    with Image.open(path) as im:
-        if im.mode not in ("L", "P", "I", "I;16"):
-            raise ValueError(f"label map {path} has mode {im.mode}; expected a single-channel PNG of class ids")
-        arr = np.asarray(im).astype(np.int64)
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("L", "P", "I", "I;16"):
+                raise ValueError(f"label map {path} has mode {im.mode}; expected a single-channel PNG of class ids")
+            arr = np.asarray(im).astype(np.int64)
+    except (OSError, SyntaxError) as e:  # empty, truncated, not an image
+        raise ImageReadError(f"label map {path} cannot be read: empty, truncated or not an image ({e})") from None
     label = torch.from_numpy(arr)
     if lut is not None:
         if label.max() >= len(lut) or label.min() < 0:
             raise ValueError(f"label map {path} has values outside 0..{len(lut) - 1}")
         label = lut[label]
     return label
+
+
+def check_label(label: torch.Tensor, num_classes: int, ignore_index: int = 255, where: str = "labels") -> None:
+    """Raise a ValueError naming the offending ids unless every value is in 0..K-1 or ``ignore_index``."""
+    bad = (label != ignore_index) & ((label < 0) | (label >= num_classes))
+    if bool(bad.any()):
+        ids = torch.unique(label[bad]).tolist()
+        shown = ", ".join(map(str, ids[:10])) + (", ..." if len(ids) > 10 else "")
+        more = f", or use num_classes={max(ids) + 1}" if max(ids) >= num_classes else ""
+        raise ValueError(
+            f"{where} contain class ids {shown} outside 0..{num_classes - 1} (num_classes={num_classes}, "
+            f"ignore_index={ignore_index}): map them to training ids or to {ignore_index} (e.g. a dataset "
+            f"label_map or reduce_zero_label){more}")
 
 
 def _lut(mapping: Optional[Dict[int, int]] = None, reduce_zero_label: bool = False, default: Optional[int] = None,
@@ -132,6 +142,8 @@ class SegmentationFolder(Dataset):
         self.reduce_zero_label = reduce_zero_label
         self.lut = lut if lut is not None else _lut(label_map, reduce_zero_label, ignore_index=ignore_index)
         self.classes = tuple(classes) if classes is not None else None
+        # label ids are checked against this when set (the classes' count by default)
+        self.num_classes: Optional[int] = len(self.classes) if self.classes is not None else None
         self.palette = tuple(tuple(c) for c in palette) if palette is not None else None
 
     def __len__(self) -> int:
@@ -141,7 +153,16 @@ class SegmentationFolder(Dataset):
         """Sample ``i`` before transforms."""
         sample: Dict[str, Any] = {"image": read_image(self.images[i]), "path": str(self.images[i])}
         if self.labels is not None:
-            sample["label"] = _read_label(self.labels[i], self.lut)
+            label = _read_label(self.labels[i], self.lut)
+            if tuple(label.shape) != tuple(sample["image"].shape[-2:]):
+                raise ValueError(
+                    f"label map {self.labels[i]} is {label.shape[0]}x{label.shape[1]} (HxW) but its image "
+                    f"{self.images[i]} is {sample['image'].shape[1]}x{sample['image'].shape[2]} (after EXIF "
+                    "orientation): a label map must have its image's size; fix the pairing or resize the label "
+                    "with nearest-neighbour interpolation")
+            if self.num_classes is not None:
+                check_label(label, self.num_classes, self.ignore_index, where=f"label map {self.labels[i]}")
+            sample["label"] = label
         return sample
 
     def __getitem__(self, i: int) -> Dict[str, Any]:

@@ -54,6 +54,17 @@ def resize_label(label: torch.Tensor, size: Size) -> torch.Tensor:
     return F.interpolate(label[None, None].float(), size=size, mode="nearest")[0, 0].to(label.dtype)
 
 
+def _check_pair(sample: Sample, where: str) -> None:
+    """A label map must have its image's size: resizing one to the other would silently misalign them."""
+    label = sample.get("label")
+    if label is not None and tuple(label.shape[-2:]) != tuple(sample["image"].shape[-2:]):
+        path = f" ({sample['path']})" if sample.get("path") else ""
+        raise ValueError(
+            f"{where}: the label map is {tuple(label.shape[-2:])} but the image is "
+            f"{tuple(sample['image'].shape[-2:])} (H, W){path}; a label map must have its image's size "
+            "(fix the image/label pairing, or resize the label with nearest-neighbour interpolation first)")
+
+
 class Compose:
     """Apply transforms in order."""
 
@@ -95,6 +106,7 @@ class Resize:
         return 1.0
 
     def __call__(self, sample: Sample) -> Sample:
+        _check_pair(sample, "Resize")
         r = self._ratio()
         scale = (int(self.scale[0] * r), int(self.scale[1] * r))
         h, w = sample["image"].shape[-2:]
@@ -124,6 +136,7 @@ class RandomCrop:
         return y, min(y + ch, h), x, min(x + cw, w)
 
     def __call__(self, sample: Sample) -> Sample:
+        _check_pair(sample, "RandomCrop")
         h, w = sample["image"].shape[-2:]
         box = self._box(h, w)
         label = sample.get("label")
@@ -152,6 +165,7 @@ class RandomFlip:
         self.prob = prob
 
     def __call__(self, sample: Sample) -> Sample:
+        _check_pair(sample, "RandomFlip")
         if float(torch.rand(())) >= self.prob:
             return sample
         sample = dict(sample, image=sample["image"].flip(-1))
@@ -257,6 +271,7 @@ class Pad:
         self.seg_pad_val = seg_pad_val
 
     def __call__(self, sample: Sample) -> Sample:
+        _check_pair(sample, "Pad")
         h, w = sample["image"].shape[-2:]
         ph, pw = max(self.size[0] - h, 0), max(self.size[1] - w, 0)
         if not (ph or pw):

@@ -110,6 +110,14 @@ class SeMaskSegmentor(HubMixin, nn.Module):
                 f"{tuple(labels.shape)} {labels.dtype}"
             )
         labels = labels.long()
+        k = head_seg.shape[1]
+        bad = (labels != self.ignore_index) & ((labels < 0) | (labels >= k))
+        if bool(bad.any()):  # else cross_entropy fails with "Target 7 is out of bounds" (or a CUDA assert)
+            ids = torch.unique(labels[bad]).tolist()
+            more = f", or build the model with num_classes={max(ids) + 1}" if max(ids) >= k else ""
+            raise ValueError(
+                f"labels contain class ids {ids[:10]} outside 0..{k - 1} (num_classes={k}, ignore_index="
+                f"{self.ignore_index}): map them to training ids or to {self.ignore_index}{more}")
         seg = F.interpolate(head_seg, size=labels.shape[-2:], mode="bilinear", align_corners=self.align_corners)
         weight = None
         if self.ohem is not None:
