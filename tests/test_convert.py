@@ -359,3 +359,25 @@ def test_rules_contract_rename_drop_tied():
     src["table"] = torch.zeros(4, dtype=torch.long)
     _, report = convert_state_dict(src, net, rules)
     assert [k for k, _ in report.value_mismatches] == ["align.norm.bias", "table"]
+
+
+def test_integer_or_bool_tensors_for_float_weights_are_reported():
+    net = nn.Linear(2, 3)
+    rules = ConversionRules(family="test", required=(), class_keys=(), infer=lambda sd: {})
+    for dtype in (torch.int64, torch.bool):
+        out, report = convert_state_dict({"weight": torch.ones(3, 2, dtype=dtype), "bias": torch.ones(3)}, net, rules)
+        assert not report.ok and report.value_mismatches == [("weight", f"dtype {dtype} where the model has torch.float32")]
+        assert report.missing == [] and "weight" not in out
+    out, report = convert_state_dict({"weight": torch.ones(3, 2, dtype=torch.float16), "bias": torch.ones(3)}, net, rules)
+    assert report.ok and out["weight"].dtype == torch.float32  # half -> float is a plain cast
+
+
+def test_family_rules_are_registered_next_to_their_models():
+    from semask.core.registry import get_conversion_rules
+    from semask.models.fpn import FPN_CONVERSION_RULES
+    from semask.models.mask_former import D2_CONVERSION_RULES
+
+    assert get_conversion_rules("semask_swin_tiny_fpn") is FPN_CONVERSION_RULES
+    assert get_conversion_rules("semask_swin_large_mask2former") is D2_CONVERSION_RULES
+    with pytest.raises(ValueError, match="no converter for 'semask_mit_b0_segformer'"):
+        get_conversion_rules("semask_mit_b0_segformer")

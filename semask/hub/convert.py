@@ -202,8 +202,13 @@ def convert_state_dict(
         if value.shape != mine.shape:
             report.shape_mismatches.append((key, tuple(value.shape), tuple(mine.shape)))
             continue
+        if value.is_floating_point() != mine.is_floating_point() or (value.dtype == torch.bool) != (mine.dtype == torch.bool):
+            # integer / bool values where the model has floats (or the reverse) would be cast silently
+            report.value_mismatches.append((key, f"dtype {value.dtype} where the model has {mine.dtype}"))
+            continue
         out[key] = value.to(mine.dtype) if value.is_floating_point() else value
-    report.missing = [k for k in target if k not in out and k not in {m[0] for m in report.shape_mismatches}]
+    reported = {m[0] for m in report.shape_mismatches} | {m[0] for m in report.value_mismatches}
+    report.missing = [k for k in target if k not in out and k not in reported]
     return out, report
 
 

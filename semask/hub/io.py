@@ -29,6 +29,7 @@ from ..core.folder import (
     read_model_dir,
     save_pretrained,
 )
+from ..core.folder import load_model_dir as from_pretrained  # noqa: F401  (older name; see semask.hub.factory)
 from ..core.hf import HUB_PREFIX, parse_hub_name
 from .timm_init import has_imagenet_backbone, is_imagenet_backbone, load_imagenet_backbone
 
