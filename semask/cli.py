@@ -15,6 +15,7 @@ COMMANDS = {
     "train": "finetune a model on a dataset folder",
     "export": "export a model to ONNX",
     "list": "list registered models (and pretrained tags)",
+    "publish": "fetch, convert, verify and push the official releases to Hugging Face Hub repos (maintainers)",
 }
 
 

@@ -40,7 +40,7 @@ from .hf import is_offline
 __all__ = [
     "ENV_CACHE", "ENV_MIRROR", "SOURCE_NAME", "OfficialWeightsError", "cache_root", "drive_file_id",
     "has_official_release", "official_cache_dir", "cached_official", "fetch_official", "download_official",
-    "describe_official",
+    "describe_official", "convert_release", "compare_with_source",
 ]
 
 _logger = logging.getLogger("semask.hub")
@@ -207,14 +207,16 @@ def _reason(e: BaseException) -> str:
     name = type(e).__name__
     if name == "FileURLRetrievalError":  # gdown: Drive answered with a page instead of the file
         return f"Google Drive did not hand out the file (gdown: {text[:400]})"
+    if "read timed out" in text.lower():
+        return f"the server stopped sending data ({text[:200]}; {ENV_TIMEOUT} sets the limit in seconds)"
     if name in ("ConnectionError", "ProxyError", "ConnectTimeout", "SSLError"):
         return f"cannot connect ({name}: {text[:300]}); is there a network?"
     if name in ("ReadTimeout", "Timeout"):
         return f"the server stopped sending data ({name}; {ENV_TIMEOUT} sets the limit in seconds)"
     if name == "HTTPError":
         return f"the server answered {text[:200]}"
-    if name == "DownloadError":  # gdown: e.g. fewer bytes than announced
-        return f"the download broke off ({text[:300]})"
+    if name == "DownloadError":  # gdown: e.g. fewer bytes than announced (its resume hint does not apply here)
+        return f"the download broke off ({text.split(' The received bytes')[0][:300]})"
     return f"{name}: {text[:400]}"
 
 
@@ -249,7 +251,7 @@ def download_official(cfg: Any, dest_dir: os.PathLike) -> Tuple[Path, str]:
     return out, cfg.source_url
 
 
-class _Attempt(Exception):
+class _Attempt(OSError):
     """One source that did not deliver: ``what`` was tried, ``why`` it failed."""
 
     def __init__(self, what: str, why: str) -> None:
@@ -380,3 +382,44 @@ def fetch_official(cfg: Any, hub_error: Optional[BaseException] = None) -> Path:
     _logger.info("%s: official checkpoint %s (sha256 %s) fetched in %.1f s, converted in %.1f s into %s",
                  cfg.full_name, where, note["sha256"], note["download_seconds"], note["convert_seconds"], final)
     return final
+
+
+def compare_with_source(folder: os.PathLike, src: os.PathLike) -> int:
+    """Check a converted folder against the official file it came from: every tensor of
+    ``model.safetensors`` equals the official tensor it was mapped from (the family's renames), and
+    every official tensor is accounted for (used, dropped by a rule, a tied duplicate or a buffer the
+    model recomputes). Returns the number of tensors compared; raises ValueError listing differences."""
+    import torch
+    from safetensors.torch import load_file
+
+    from .adapt import RECOMPUTED_BUFFERS
+
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text())
+    rules = get_conversion_rules(config["architecture"])
+    written = load_file(str(folder / "model.safetensors"))
+    sd, _ = load_official_checkpoint(src)
+    origin: Dict[str, str] = {}  # our key -> official key
+    for key in sd:
+        if any(re.fullmatch(rx, key) for rx in rules.drop):
+            continue
+        new = key
+        for old, repl in rules.rename:
+            if key.startswith(old):
+                new = repl + key[len(old):]
+                break
+        origin.setdefault(new, key)
+    bad = []
+    for key, value in written.items():
+        off = origin.get(key)
+        if off is None:
+            bad.append(f"{key}: no official tensor maps to it")
+        elif sd[off].shape != value.shape or not torch.equal(sd[off].to(value.dtype), value):
+            bad.append(f"{key}: differs from the official {off}")
+    tied = [rx for rx, _ in rules.tied]
+    unused = [off for ours, off in origin.items() if ours not in written and not ours.endswith(RECOMPUTED_BUFFERS)
+              and not any(re.fullmatch(rx, off) for rx in tied)]
+    bad += [f"{off}: official tensor not in the folder" for off in unused]
+    if bad:
+        raise ValueError(f"{folder} does not match {src} ({len(bad)} problems): " + "; ".join(bad[:10]))
+    return len(written)
