@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from typing import Dict, Tuple
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import semask
 from semask.cli import main as cli
@@ -309,7 +310,7 @@ def test_local_mirror_folder_and_file_url(env, tags, monkeypatch, tmp_path):
         _fpn_logits(semask.create_model(FPN_NAME, pretrained=True))
 
 
-_RANK_SCRIPT = r"""
+_CHILD = r"""
 import logging, os, sys, time
 from pathlib import Path
 sys.path[:0] = [os.environ["T_TESTS"]]
@@ -317,34 +318,41 @@ logging.basicConfig(level=logging.WARNING, format="%(message)s")
 import semask
 from test_official_weights import _fpn_logits, register_test_tags
 name = register_test_tags()[0]
-barrier = Path(os.environ["T_BARRIER"])
-(barrier / os.environ["T_RANK"]).touch()
-deadline = time.time() + 60
-while len(list(barrier.iterdir())) < 2 and time.time() < deadline:
-    time.sleep(0.005)
+(Path(os.environ["T_BARRIER"]) / "child").touch()
+while not (Path(os.environ["T_BARRIER"]) / "parent").exists():
+    time.sleep(0.002)
 _fpn_logits(semask.create_model(name, pretrained=True))
 print("LOADED")
 """
 
 
-def test_two_processes_download_once_and_both_load(env, tags, tmp_path):
+def test_two_processes_download_once_and_both_load(env, tags, tmp_path, monkeypatch, caplog):
+    """This process and a child start loading at the same moment (as torchrun ranks do)."""
     srv = _Server(_routes(slow=True))
+    monkeypatch.setenv("SEMASK_WEIGHTS_MIRROR", f"{srv.url}/mirror")
     barrier = tmp_path / "barrier"
     barrier.mkdir()
     child_env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
     child_env.update(PYTHONPATH=str(REPO_ROOT), T_TESTS=str(REPO_ROOT / "tests"), T_BARRIER=str(barrier),
-                     HF_ENDPOINT=f"{srv.url}/hub", SEMASK_WEIGHTS_MIRROR=f"{srv.url}/mirror",
                      HF_HUB_DISABLE_PROGRESS_BARS="1")
     try:
-        procs = [subprocess.Popen([sys.executable, "-c", _RANK_SCRIPT], env={**child_env, "T_RANK": str(r)},
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
-        outs = [p.communicate(timeout=120) for p in procs]
+        child = subprocess.Popen([sys.executable, "-c", _CHILD], env=child_env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while not (barrier / "child").exists() and child.poll() is None and time.time() < deadline:
+            time.sleep(0.002)
+        (barrier / "parent").touch()
+        with caplog.at_level(logging.WARNING, logger="semask.hub"):
+            _fpn_logits(semask.create_model(FPN_NAME, pretrained=True))
+        out, err = child.communicate(timeout=120)
     finally:
         srv.stop()
-    for p, (out, err) in zip(procs, outs):
-        assert p.returncode == 0 and "LOADED" in out, err[-2000:]
+    assert child.returncode == 0 and "LOADED" in out, err[-2000:]
     assert srv.hits(f"/mirror/{FPN_ID}.pth") == 1  # one download for both
-    assert sum("another process is fetching it" in err for _, err in outs) == 1  # the other one waited
+    # one of the two fetched; the other waited on the lock (or, if it came late, found the folder)
+    logs = [err] + [r.getMessage() for r in caplog.records]
+    assert sum(m.count("fetching the official checkpoint") for m in logs) == 1
+    assert sum(m.count("another process is fetching it") for m in logs) <= 1
     assert (env / "models" / FPN_NAME / "model.safetensors").is_file()
 
 
@@ -464,21 +472,22 @@ def test_real_checkpoint_extras_load_and_convert(tmp_path):
     assert m["CLASSES"][3] == "c3" and len(sd) == len(mm["state_dict"])
     sd, _ = load_official_checkpoint(tmp_path / "d2.pth")
     assert sd.keys() == d2.keys() and all(torch.equal(sd[k], d2[k]) and sd[k].dtype == d2[k].dtype for k in d2)
-    # both convert exactly as the plain fixtures do
-    ref = convert_official_checkpoint(FPN_FILE, tmp_path / "ref", FPN_ARCH, sem_global=(False, False, True),
-                                      sem_window_size=4)
+    # both convert, tensor for tensor, into what the plain official files hold
     out = convert_official_checkpoint(tmp_path / "mm.pth", tmp_path / "out", FPN_ARCH, sem_global=(False, False, True),
                                       sem_window_size=4)
-    a, b = load_file(str(ref / "model.safetensors")), load_file(str(out / "model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert official.compare_with_source(out, FPN_FILE) == 114
     assert json.loads((out / "config.json").read_text())["pretrained_cfg"]["class_names"][20] == "c20"
     arch, kwargs = fixture_model_kwargs(_meta("d2/mask2former"))
-    kwargs.pop("num_classes")
-    d2kw = dict(sem_global=tuple(kwargs["sem_global"]), sem_window_size=kwargs["sem_window_size"])
-    ref = convert_official_checkpoint(D2_FILE, tmp_path / "d2ref", arch, **d2kw)
-    out = convert_official_checkpoint(tmp_path / "d2.pth", tmp_path / "d2out", arch, **d2kw)
-    a, b = load_file(str(ref / "model.safetensors")), load_file(str(out / "model.safetensors"))
-    assert len(a) > 250 and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    out = convert_official_checkpoint(tmp_path / "d2.pth", tmp_path / "d2out", arch,
+                                      sem_global=tuple(kwargs["sem_global"]), sem_window_size=kwargs["sem_window_size"])
+    assert official.compare_with_source(out, D2_FILE) == len(load_file(str(out / "model.safetensors"))) > 250
+    # the check itself notices a changed tensor
+    state = load_file(str(out / "model.safetensors"))
+    key = next(iter(state))
+    state[key] = state[key] + 1
+    save_file(state, str(out / "model.safetensors"))
+    with pytest.raises(ValueError, match=f"{re.escape(key)}: differs from the official"):
+        official.compare_with_source(out, D2_FILE)
 
 
 def test_other_pickled_objects_still_fail_clearly(tmp_path):
