@@ -159,9 +159,11 @@ def _env_number(name: str, default: float) -> float:
 
 
 def _progress() -> bool:
+    """huggingface_hub's switch (``HF_HUB_DISABLE_PROGRESS_BARS``), re-read now as for HF_HUB_OFFLINE."""
     from huggingface_hub.utils import are_progress_bars_disabled
 
-    return not are_progress_bars_disabled()
+    env = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "").strip().lower()
+    return not (env in ("1", "true", "yes", "on") or are_progress_bars_disabled())
 
 
 def _gdown(out: Path, *, url: Optional[str] = None, file_id: Optional[str] = None) -> None:
