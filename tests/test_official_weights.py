@@ -429,6 +429,26 @@ def test_drive_pages_and_no_network_without_mirror(env, tags, monkeypatch):
     assert f"Hub repo {HUB_REPO}" in msg and "cache " in msg and _cache_entries(env) == ["models"]
 
 
+@pytest.mark.slow
+def test_no_network_at_all(env, tags, monkeypatch):
+    """The Hub at a closed loopback port too (huggingface_hub retries for about 20 s first)."""
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("SEMASK_WEIGHTS_MIRROR")
+    hub = f"http://127.0.0.1:{_closed_port()}"
+    monkeypatch.setattr(constants, "ENDPOINT", hub)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub + "/{repo_id}/resolve/{revision}/{filename}")
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.setenv(var, f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    with pytest.raises(official.OfficialWeightsError) as info:
+        semask.create_model(FPN_NAME, pretrained=True)
+    msg = str(info.value)
+    assert f"Hub repo {HUB_REPO}: cannot download config.json" in msg and "the Hub is unreachable" in msg
+    assert f"(Google Drive file id {FPN_ID}): cannot connect" in msg and "no converted copy" in msg
+    assert _cache_entries(env) == ["models"]
+
+
 def test_offline_without_mirror_contacts_nothing(env, tags, server, monkeypatch):
     import gdown
 
@@ -488,6 +508,28 @@ def test_real_checkpoint_extras_load_and_convert(tmp_path):
     save_file(state, str(out / "model.safetensors"))
     with pytest.raises(ValueError, match=f"{re.escape(key)}: differs from the official"):
         official.compare_with_source(out, D2_FILE)
+
+
+def test_numpy_1_pickles_and_the_legacy_format(tmp_path):
+    """The official files were written under numpy 1.x (``numpy.core.multiarray``) and some older
+    torch files are not zip archives: both load with weights_only=True."""
+    import zipfile
+
+    import numpy as np
+
+    arrays = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.arange(3, dtype=np.int64)}
+    torch.save({"model": arrays, "iteration": 3}, tmp_path / "np2.pth")
+    with zipfile.ZipFile(tmp_path / "np2.pth") as zin, zipfile.ZipFile(tmp_path / "np1.pth", "w") as zout:
+        for n in zin.namelist():
+            data = zin.read(n)
+            if n.endswith("data.pkl"):
+                assert b"numpy._core.multiarray" in data
+                data = data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+            zout.writestr(n, data)
+    torch.save({"model": arrays}, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    for name in ("np1.pth", "legacy.pth"):
+        sd, _ = load_official_checkpoint(tmp_path / name)
+        assert torch.equal(sd["a"], torch.arange(6.0).reshape(2, 3)) and sd["b"].dtype == torch.int64, name
 
 
 def test_other_pickled_objects_still_fail_clearly(tmp_path):
