@@ -34,6 +34,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
+import torch
+from filelock import FileLock, Timeout
+from safetensors.torch import load_file
+
+from ..version import __version__
+from .adapt import RECOMPUTED_BUFFERS
 from .convert import _sha256, convert_official_checkpoint, get_conversion_rules, load_official_checkpoint
 from .hf import is_offline
 
@@ -193,7 +199,7 @@ def _sniff(path: Path) -> Optional[str]:
     if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
         return None
     text = head.lstrip().lower()
-    if text.startswith((b"<!doctype", b"<html", b"<head", b"<?xml", b"<")):
+    if text.startswith(b"<"):  # HTML / XML
         title = _title(head)
         return (f"a web page ({size} bytes{', title ' + repr(title) if title else ''}), not the checkpoint: "
                 "Google Drive serves such pages for quota limits ('too many users have viewed or downloaded "
@@ -225,8 +231,8 @@ def _reason(e: BaseException) -> str:
 def download_official(cfg: Any, dest_dir: os.PathLike) -> Tuple[Path, str]:
     """The official file of ``cfg``: ``(local path, where it came from)``. From the mirror when
     ``$SEMASK_WEIGHTS_MIRROR`` is set (a local mirror file is used in place), else from Google
-    Drive into ``dest_dir``. Raises :class:`OfficialWeightsError`-ready exceptions (see
-    :func:`fetch_official`) without leaving anything in ``dest_dir`` but a complete file."""
+    Drive into ``dest_dir`` (only a complete file is ever there). Raises an OSError naming the
+    source tried and why it failed."""
     file_id = drive_file_id(cfg.source_url)
     if not file_id:
         raise ValueError(f"{cfg.full_name} has no Google Drive source_url")
@@ -267,8 +273,7 @@ class _Attempt(OSError):
 
 @contextmanager
 def _tag_lock(cfg: Any) -> Iterator[None]:
-    from filelock import FileLock, Timeout
-
+    """The per-tag lock (``fcntl``-based: released by the OS if its holder dies)."""
     path = cache_root() / ".locks" / f"{cfg.full_name}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(path))
@@ -316,8 +321,9 @@ def _install(folder: Path, final: Path) -> None:
 
 
 def convert_release(cfg: Any, src: Path, dst: Path) -> Dict[str, Any]:
-    """Check and convert the official file ``src`` of ``cfg`` into the new folder ``dst``; returns its
-    source note (also written as ``dst/source.json``). Raises ValueError saying what is wrong."""
+    """Check (a checkpoint, not a web page; the recorded sha256) and convert the official file ``src``
+    of ``cfg`` into the new folder ``dst``; returns the facts for its source note. Raises ValueError
+    (ConversionError for a checkpoint of another architecture) saying what is wrong."""
     what = _sniff(src)
     if what is not None:
         raise ValueError(f"got {what}")
@@ -341,8 +347,6 @@ def fetch_official(cfg: Any, hub_error: Optional[BaseException] = None) -> Path:
     Raises :class:`OfficialWeightsError` (a FileNotFoundError) listing every source tried, with the
     manual route; the cache is then left as it was.
     """
-    from ..version import __version__
-
     final = official_cache_dir(cfg)
     hit = cached_official(cfg)
     if hit is not None:
@@ -364,8 +368,10 @@ def fetch_official(cfg: Any, hub_error: Optional[BaseException] = None) -> Path:
             where = "?"
             try:
                 t0 = time.perf_counter()
+                mirror = os.environ.get(ENV_MIRROR)
                 _logger.warning("%s: fetching the official checkpoint %s (once; it is converted and cached in %s)",
-                                cfg.full_name, os.environ.get(ENV_MIRROR) or cfg.source_url, final)
+                                cfg.full_name, _mirror_source(mirror, drive_file_id(cfg.source_url))[0] if mirror
+                                else cfg.source_url, final)
                 src, where = download_official(cfg, staging)
                 seconds = time.perf_counter() - t0
                 note = convert_release(cfg, src, staging / "model")
@@ -391,11 +397,6 @@ def compare_with_source(folder: os.PathLike, src: os.PathLike) -> int:
     ``model.safetensors`` equals the official tensor it was mapped from (the family's renames), and
     every official tensor is accounted for (used, dropped by a rule, a tied duplicate or a buffer the
     model recomputes). Returns the number of tensors compared; raises ValueError listing differences."""
-    import torch
-    from safetensors.torch import load_file
-
-    from .adapt import RECOMPUTED_BUFFERS
-
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text())
     rules = get_conversion_rules(config["architecture"])
