@@ -593,3 +593,4 @@ def test_publish_pushes_one_commit_per_repo_and_reports_failures(env, tags, serv
     assert commits == [("create", f"o/{tags[0]}"),
                        ("upload", f"o/{tags[0]}", ["README.md", "config.json", "model.safetensors"])]
     assert json.loads((out / "published.json").read_text())[tags[0]]["revision"] == Info.oid
+    assert sorted(p.name for p in out.iterdir()) == ["published.json", tags[0]]  # nothing of the failed tag

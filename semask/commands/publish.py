@@ -111,9 +111,16 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     manifest: Dict[str, Any] = {}
     failed = []
+    if "/" in args.org or not args.org.strip():
+        print(f"semask publish: error: --org takes a Hub user or organisation name, got {args.org!r}", file=sys.stderr)
+        return 1
     for name in names:
         try:
-            entry = build_repo_folder(name, args.org, out)
+            try:
+                entry = build_repo_folder(name, args.org, out)
+            except BaseException:
+                shutil.rmtree(out / name, ignore_errors=True)  # OUT holds verified folders only
+                raise
             if not args.dry_run:
                 entry["revision"] = push_folder(entry, private=args.private, token=args.token)
         except (ValueError, OSError, HfHubHTTPError) as e:  # one tag's failure must not stop the others
