@@ -351,7 +351,10 @@ def fetch_official(cfg: Any, hub_error: Optional[BaseException] = None) -> Path:
     hit = cached_official(cfg)
     if hit is not None:
         return hit
-    tried = [f"Hub repo {cfg.hf_hub_id}: {' '.join(str(hub_error).split())}"] if cfg.hf_hub_id and hub_error else []
+    if not cfg.hf_hub_id:
+        tried = ["Hub: no repo is published for this tag yet (its hf_hub_id is not set)"]
+    else:
+        tried = [f"Hub repo {cfg.hf_hub_id}: {' '.join(str(hub_error).split())}"] if hub_error else []
     if is_offline() and not os.environ.get(ENV_MIRROR):
         tried.append(f"official release {cfg.source_url}: not contacted, HF_HUB_OFFLINE is set (a mirror in "
                      f"{ENV_MIRROR} is used offline too)")
