@@ -19,6 +19,7 @@ COMMANDS = {
     "train": "finetune a model on a dataset folder",
     "export": "export a model to ONNX",
     "list": "list registered models (and pretrained tags)",
+    "publish": "fetch, convert, verify and push the official releases to Hugging Face Hub repos (maintainers)",
 }
 
 # exceptions whose message is the whole story; others also name their type

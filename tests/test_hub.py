@@ -277,8 +277,10 @@ def test_bad_requests():
 
 
 def test_no_hf_hub_id_says_what_to_do(monkeypatch):
+    # neither a Hub repo nor an official release (those are fetched: tests/test_official_weights.py)
     monkeypatch.setitem(_registry._pretrained_cfgs["semask_swin_tiny_fpn"], "ade20k",
-                        replace(_registry._pretrained_cfgs["semask_swin_tiny_fpn"]["ade20k"], hf_hub_id=None))
+                        replace(_registry._pretrained_cfgs["semask_swin_tiny_fpn"]["ade20k"], hf_hub_id=None,
+                                source_url=None))
     with pytest.raises(ValueError, match="semask convert"):
         semask.create_model(TAG, pretrained=True, **TINY)
 

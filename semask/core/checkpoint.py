@@ -64,7 +64,8 @@ def _numpy_safe_globals() -> list:
         return []
     core = getattr(np, "_core", None) or np.core
     out: list = [core.multiarray._reconstruct, core.multiarray.scalar, np.ndarray, np.dtype]
-    out += [type(np.dtype(t)) for t in ("float16", "float32", "float64", "int32", "int64", "bool")]
+    out += [type(np.dtype(t)) for t in ("float16", "float32", "float64", "int8", "int16", "int32", "int64",
+                                        "uint8", "bool")]
     # files written under numpy 1.x (the official ones) name these numpy.core.multiarray.*
     out += [(core.multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
             (core.multiarray.scalar, "numpy.core.multiarray.scalar")]
@@ -105,6 +106,13 @@ def read_torch_file(path: PathLike) -> Any:
         ) from None
 
 
+def _as_tensor(value: Any) -> Any:
+    """detectron2 checkpoints may hold numpy arrays instead of tensors: an owned tensor copy of those."""
+    if type(value).__module__ == "numpy" and hasattr(value, "dtype") and hasattr(value, "shape"):
+        return torch.as_tensor(value).clone()
+    return value
+
+
 def unwrap_state_dict(obj: Any, source: str) -> Tuple[StateDict, Dict[str, Any]]:
     """``(tensors, meta)`` of a checkpoint object: mmseg ``{'meta', 'state_dict'}``, detectron2
     ``{'model', ...}`` or a bare state dict; a DDP ``module.`` prefix is stripped."""
@@ -117,6 +125,7 @@ def unwrap_state_dict(obj: Any, source: str) -> Tuple[StateDict, Dict[str, Any]]
             break
     else:
         sd = obj  # a bare state dict
+    sd = {k: _as_tensor(v) for k, v in sd.items()}
     tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise ValueError(f"{source} has no tensors under 'state_dict' or 'model' (keys: {sorted(map(str, obj))[:10]})")

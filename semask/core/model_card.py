@@ -59,6 +59,8 @@ def render_model_card(config: Mapping[str, Any], repo_id: Optional[str] = None,
         lines.append(f"- training crop: {tuple(pcfg['crop_size'])}")
     if pcfg.get("source_url"):
         lines.append(f"- converted from: {pcfg['source_url']}")
+    if (config.get("converted_from") or {}).get("sha256"):
+        lines.append(f"- sha256 of the converted file: `{config['converted_from']['sha256']}`")
     if pcfg.get("notes"):
         lines.append(f"- notes: {pcfg['notes']}")
     lines += ["", "## Usage", "", "```python", "import semask", "",

@@ -52,6 +52,7 @@ class PretrainedCfg:
     hf_hub_id: Optional[str] = None
     hf_hub_revision: Optional[str] = None
     source_url: Optional[str] = None  # where the official checkpoint was released
+    source_sha256: Optional[str] = None  # sha256 of that file, once a maintainer has verified it
     num_classes: int = 150
     arch_kwargs: Dict[str, Any] = field(default_factory=dict)
     dataset: str = ""

@@ -32,6 +32,7 @@ from ..core.folder import (
 from ..core.folder import load_model_dir as from_pretrained  # noqa: F401  (older name; see semask.hub.factory)
 from ..core.hf import HUB_PREFIX, parse_hub_name
 from .timm_init import has_imagenet_backbone, is_imagenet_backbone, load_imagenet_backbone
+from .official import cached_official, describe_official, fetch_official, has_official_release
 
 __all__ = [
     "CONFIG_NAME", "WEIGHTS_NAME", "CARD_NAME", "FORMAT", "model_config", "save_pretrained", "read_config",
@@ -73,12 +74,26 @@ def load_pretrained(
                 return model
             raise ValueError(f"{name or type(model).__name__} has no pretrained tag; pick one of "
                              "semask.list_pretrained() or pass pretrained=<folder | .safetensors | hf-hub:org/repo>")
-        if not cfg.hf_hub_id:
+        release = has_official_release(cfg)
+        if not cfg.hf_hub_id and not release:
             raise ValueError(f"no published weights for {cfg.full_name} (its hf_hub_id is not set). Convert the "
                              "official checkpoint with `semask convert` and pass pretrained=<output folder>.")
         repo_id, rev = cfg.hf_hub_id, revision or cfg.hf_hub_revision
         source = f"{HUB_PREFIX}{repo_id}" + (f"@{rev}" if rev else "")
-        config, state = read_hub_repo(repo_id, rev, cache_dir)
+        # the Hub, else the official release (converted once into the semask cache, then read offline)
+        folder = cached_official(cfg) if revision is None else None
+        if folder is None:
+            try:
+                if not repo_id:
+                    raise FileNotFoundError(f"{cfg.full_name} is not published on the Hub (no hf_hub_id)")
+                config, state = read_hub_repo(repo_id, rev, cache_dir)
+            except FileNotFoundError as e:
+                if not release or revision is not None:
+                    raise
+                folder = fetch_official(cfg, hub_error=e)
+        if folder is not None:
+            source = describe_official(folder)
+            config, state = read_model_dir(folder)
     elif isinstance(pretrained, str) and pretrained.startswith(HUB_PREFIX):
         repo_id, rev = parse_hub_name(pretrained)
         rev = revision or rev
