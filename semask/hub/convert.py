@@ -38,7 +38,8 @@ import torch.nn as nn
 from ..backbones.swin import infer_swin_kwargs
 from ..core.checkpoint import read_torch_file, unwrap_state_dict
 from ..core.folder import push_to_hub as hub_push
-from ..core.folder import read_model_dir, save_pretrained
+from ..core.build import build_model
+from ..core.folder import load_model_dir, read_model_dir, save_pretrained
 from ..core.hf import parse_hub_name
 from ..core.registry import (
     ConversionRules,
@@ -49,7 +50,6 @@ from ..core.registry import (
     resolve_model_name,
 )
 from ..version import __version__
-from .factory import create_model
 
 __all__ = [
     "ConversionError",
@@ -248,7 +248,7 @@ def _plan_model(
 
     src_arch = rules.infer(src)
     with torch.device("meta"):  # the preset (tag) architecture, before any override
-        probe = create_model(name, num_classes=k)
+        probe = build_model(name, num_classes=k)
     own_arch = rules.infer(probe.state_dict())
     conflicts = {key: (src_arch[key], v) for key, v in overrides.items() if key in src_arch and src_arch[key] != v}
     if conflicts:
@@ -299,7 +299,7 @@ def convert_official_checkpoint(
             untagged ``architecture`` (K and the shape-visible architecture come from the checkpoint).
         push_to_hub: optional Hugging Face Hub repo id to upload the folder to.
         overwrite: replace an existing non-empty ``dst_dir``.
-        verify: before publishing the folder, rebuild it with ``create_model(arch, pretrained=folder)``
+        verify: before publishing the folder, rebuild it with ``semask.from_pretrained(folder)``
             (on the meta device: config -> architecture -> strict load) and re-read the written tensors.
         log: receives progress / notes (e.g. ``print``).
         **model_kwargs: builder overrides the weights cannot tell (``sem_global``, ``sem_window_size``).
@@ -329,7 +329,7 @@ def convert_official_checkpoint(
     k, kwargs, notes = _plan_model(model_name, sd, rules, dict(model_kwargs))
     for n in notes:
         say(f"note: {n}")
-    model = create_model(model_name, num_classes=k, **kwargs)
+    model = build_model(model_name, num_classes=k, **kwargs)
     state, report = convert_state_dict(sd, model, rules)
     if not report.ok:
         raise ConversionError(f"{src} does not fit {model_name} (K={k}):", report)
@@ -364,7 +364,7 @@ def convert_official_checkpoint(
         if verify:  # the user's loading path (config -> architecture -> strict load), on the meta device
             with torch.device("meta"), warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter")
-                rebuilt = create_model(arch, pretrained=str(tmp)).state_dict()
+                rebuilt = load_model_dir(tmp).state_dict()
             written, mine = read_model_dir(tmp)[1], model.state_dict()
             bad = [key for key in mine if key not in written or not torch.equal(mine[key], written[key])
                    or key not in rebuilt or rebuilt[key].shape != mine[key].shape]
