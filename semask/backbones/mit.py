@@ -24,7 +24,9 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from ..layers import SemanticLayer
 from ..models._registry import register_model
 from .swin import SeMaskSwinTransformer
-from ._base import SemanticFeaturesMixin, check_image_input, normalize_out_indices, per_stage_flags, per_stage_ints
+from ._base import (
+    SemanticFeaturesMixin, check_image_input, normalize_out_indices, per_stage_flags, per_stage_ints, semantic_class_count,
+)
 
 __all__ = [
     "SeMaskMiT",
@@ -184,6 +186,8 @@ class SeMaskMiT(SemanticFeaturesMixin, nn.Module):
         drop_path_rate: stochastic-depth ramp end (SegFormer: 0.1).
         sem_drop: dropout inside the semantic attention.
         out_indices: stages to output.
+        output_stride: only 32 is supported (MiT has no dilated variant).
+        num_semantic_classes: K under an unambiguous name (timm's ``num_classes=0`` then means headless).
     """
 
     def __init__(
@@ -206,11 +210,17 @@ class SeMaskMiT(SemanticFeaturesMixin, nn.Module):
         drop_path_rate: float = 0.1,
         sem_drop: float = 0.1,
         out_indices: Sequence[int] = (0, 1, 2, 3),
+        output_stride: int = 32,
+        num_semantic_classes: Optional[int] = None,
     ) -> None:
         super().__init__()
         n = len(depths)
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if output_stride != 32:
+            raise ValueError(
+                f"SeMask MiT supports output_stride=32 only (got {output_stride}): MiT has no dilated "
+                "variant. Use output_stride=32 and upsample in the decoder."
+            )
+        num_classes = semantic_class_count(num_classes, num_semantic_classes)
         lengths = {len(embed_dims), len(num_heads), len(sr_ratios), len(patch_sizes), len(strides)}
         if lengths != {n}:
             raise ValueError("embed_dims, depths, num_heads, sr_ratios, patch_sizes and strides need one entry per stage")
@@ -278,6 +288,24 @@ class SeMaskMiT(SemanticFeaturesMixin, nn.Module):
             if i == last:
                 break
         return feats, priors
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """timm's parameter groups (layer-wise lr decay): the first patch embedding, then per stage its
+        patch embedding, every block, the semantic layer (with the stage norm); ``coarse``: per stage."""
+        return dict(
+            stem=r"^stages\.0\.patch_embed",
+            blocks=r"^stages\.(\d+)" if coarse else [
+                (r"^stages\.(\d+)\.patch_embed", (-1,)),
+                (r"^stages\.(\d+)\.blocks\.(\d+)", None),
+                (r"^stages\.(\d+)\.semantic_layer", (99990,)),
+                (r"^stages\.(\d+)\.norm", (99999,)),
+            ],
+        )
+
+    def _truncate_stages(self, n: int) -> None:
+        # prune_intermediate_layers: keep stages 0..n-1
+        self.stages = self.stages[:n]
 
 
 # --------------------------------------------------------------------------------------------------
