@@ -415,7 +415,7 @@ def mit_arch_kwargs(variant: str) -> dict:
 def _timm_cfg(hub_id: str) -> dict:
     # ImageNet-1k MiT weights on the Hub (transformers layout; mapped by mit_checkpoint_filter_fn)
     return dict(
-        hf_hub_id=hub_id, num_classes=150, input_size=(3, 512, 512), pool_size=None, crop_pct=1.0,
+        hf_hub_id=hub_id, num_classes=150, input_size=(3, 512, 512), pool_size=(16, 16), crop_pct=1.0,
         interpolation="bilinear", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
         first_conv="stages.0.patch_embed.proj", classifier=None, license="other",
     )

@@ -509,7 +509,7 @@ class SeMaskSwinTransformer(SemanticFeaturesMixin, nn.Module):
 
 def _timm_cfg(**kwargs) -> dict:
     return dict(
-        url="", num_classes=150, input_size=(3, 512, 512), pool_size=None, crop_pct=1.0,
+        url="", num_classes=150, input_size=(3, 512, 512), pool_size=(16, 16), crop_pct=1.0,
         interpolation="bilinear", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
         first_conv="patch_embed.proj", classifier=None, license="apache-2.0", **kwargs,
     )

@@ -346,7 +346,7 @@ def _wrap_from_kwargs(backbone: str = "convnext_tiny", num_classes: int = 150, b
 
 
 default_cfgs = generate_default_cfgs({"semask_wrap": dict(
-    url="", num_classes=150, input_size=(3, 512, 512), pool_size=None, crop_pct=1.0, interpolation="bilinear",
+    url="", num_classes=150, input_size=(3, 512, 512), pool_size=(16, 16), crop_pct=1.0, interpolation="bilinear",
     mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), first_conv="", classifier=None)})
 
 
