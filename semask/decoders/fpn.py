@@ -131,7 +131,9 @@ class FPNHead(nn.Module):
         # of 16 (K = 150 runs ~1.5x slower than 160 in oneDNN); logits returned in NCHW layout
         k = self.conv_seg.out_channels
         w, b = self.conv_seg.weight, self.conv_seg.bias
-        if torch.compiler.is_exporting():  # plain conv: the slice below would guard on batch == 1
+        # plain conv when exporting: the slice below would guard on batch == 1 (torch.export), and the
+        # classic (jit-tracing) ONNX exporter cannot convert a conv with a computed kernel
+        if torch.compiler.is_exporting() or torch.jit.is_tracing():
             return F.conv2d(self.dropout(out), w, b)
         pad = -k % 16
         w = _channels_last(F.pad(w, (0, 0, 0, 0, 0, 0, 0, pad)))
