@@ -189,6 +189,12 @@ class SemanticFeaturesMixin:
         return self.num_features
 
     @property
+    def min_dynamic_size(self) -> int:
+        """Smallest height/width of a size-generic export: every output map at least 2 px wide (a
+        size-1 map would specialise the traced graph)."""
+        return max(int(f["reduction"]) for f in self.feature_info) + 1
+
+    @property
     def feature_channels(self) -> List[int]:
         """Channels of each output stage (``out_indices`` order)."""
         return [int(f["num_chs"]) for f in self.feature_info]

@@ -307,6 +307,23 @@ class SeMaskMiT(SemanticFeaturesMixin, nn.Module):
         # prune_intermediate_layers: keep stages 0..n-1
         self.stages = self.stages[:n]
 
+    @property
+    def min_dynamic_size(self) -> int:
+        """Smallest height/width of a size-generic export: every stage map, and every spatially reduced
+        key/value map of the efficient attention, at least 2 px wide (61 for the SegFormer layout)."""
+        def ok(size: int) -> bool:
+            for i, stage in enumerate(self.stages):
+                conv = stage.patch_embed.proj
+                size = (size + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
+                sr = stage.blocks[0].attn.sr_ratio if len(stage.blocks) else 1
+                if size < 2 or size // sr < 2:
+                    return False
+                if i == max(self.out_indices):
+                    break
+            return True
+
+        return next(s for s in range(1, 1 << 16) if ok(s))
+
 
 # --------------------------------------------------------------------------------------------------
 # SegFormer / transformers checkpoints -> our names
