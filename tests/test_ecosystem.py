@@ -293,3 +293,45 @@ def test_py_typed_is_shipped():
     assert (root / "py.typed").is_file()
     text = (root.parent / "pyproject.toml").read_text()
     assert "py.typed" in text
+
+
+# --------------------------------------------------------------------------------------------------
+# 7. torchvision v2 transforms on our datasets
+
+def _tiny_folder(root: Path) -> None:
+    from PIL import Image
+    import numpy as np
+
+    (root / "img").mkdir()
+    (root / "ann").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(root / "img" / f"{i}.png")
+        label = np.zeros((20, 30), dtype=np.uint8)
+        label[:, :7] = 3  # left stripe: a flip moves it to the right
+        label[2:5, 10:12] = 1
+        Image.fromarray(label).save(root / "ann" / f"{i}.png")
+
+
+def test_v2_random_flip_moves_image_and_label(tmp_path):
+    from torchvision import tv_tensors
+    from torchvision.transforms import v2
+    from semask.data.datasets import SegmentationFolder, collate_samples
+    from semask.data.transforms import train_transforms
+
+    _tiny_folder(tmp_path)
+    plain = SegmentationFolder(tmp_path / "img", tmp_path / "ann")
+    flipped = SegmentationFolder(tmp_path / "img", tmp_path / "ann", transforms=v2.RandomHorizontalFlip(p=1.0))
+    raw, out = plain[0], flipped[0]
+    assert isinstance(raw["image"], tv_tensors.Image) and isinstance(raw["label"], tv_tensors.Mask)
+    assert torch.equal(out["image"], raw["image"].flip(-1))
+    assert torch.equal(out["label"], raw["label"].flip(-1))
+    assert (out["label"][:, -7:] == 3).all() and (out["label"][:, :-7] != 3).all()
+    assert out["path"] == raw["path"]
+    # a v2 resize keeps label ids (nearest for masks)
+    resized = SegmentationFolder(tmp_path / "img", tmp_path / "ann", transforms=v2.Resize((40, 60)))[0]
+    assert resized["label"].shape == (40, 60) and set(resized["label"].unique().tolist()) <= {0, 1, 3}
+    # our own pipeline and collate take the tv_tensors as they are
+    ours = SegmentationFolder(tmp_path / "img", tmp_path / "ann", transforms=train_transforms(crop_size=(16, 16)))
+    batch = collate_samples([ours[0], ours[1]])
+    assert batch["image"].shape == (2, 3, 16, 16) and batch["label"].shape == (2, 16, 16)
