@@ -335,3 +335,44 @@ def test_v2_random_flip_moves_image_and_label(tmp_path):
     ours = SegmentationFolder(tmp_path / "img", tmp_path / "ann", transforms=train_transforms(crop_size=(16, 16)))
     batch = collate_samples([ours[0], ours[1]])
     assert batch["image"].shape == (2, 3, 16, 16) and batch["label"].shape == (2, 16, 16)
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. preprocessing metadata
+
+@pytest.mark.parametrize("name,side", [("semask_swin_tiny_fpn.ade20k", 512), ("semask_swin_tiny_fpn.cityscapes", 1024),
+                                       ("semask_swin_large_mask2former.ade20k", 640)])
+def test_resolve_data_config_is_the_official_pipeline(name, side):
+    from timm.data import resolve_data_config
+    from semask.inference import model_cfg, normalization
+
+    arch = name.split(".")[0]
+    tiny = {k: v for k, v in TINY_D2.items() if k != "num_classes"} if "former" in arch else dict(TINY_SWIN, fpn_channels=8)
+    model = semask.create_model(name, **tiny)
+    data = resolve_data_config(model=model)
+    assert data["input_size"] == (3, side, side)
+    assert data["interpolation"] == "bilinear" and data["crop_pct"] == 1.0
+    assert data["mean"] == pytest.approx((0.485, 0.456, 0.406)) and data["std"] == pytest.approx((0.229, 0.224, 0.225))
+    # our predict pipeline keeps the official 0..255 normalisation, from the same cfg
+    mean, std = normalization(model_cfg(model))
+    assert mean == pytest.approx((123.675, 116.28, 103.53)) and std == pytest.approx((58.395, 57.12, 57.375))
+    # a timm pipeline built from that config feeds the model the same tensor as ours
+    from PIL import Image
+    import numpy as np
+    from timm.data import create_transform
+    from semask.inference import normalize_images, to_image_tensor
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (side, side, 3), dtype=np.uint8))
+    timm_x = create_transform(**data)(img)
+    ours = normalize_images(to_image_tensor(img)[None], mean, std)[0]
+    torch.testing.assert_close(timm_x, ours, atol=1e-5, rtol=1e-5)
+
+
+def test_saved_configs_in_old_units_still_load():
+    from semask.models import PretrainedCfg
+    from semask.inference import normalization
+
+    old = dict(PretrainedCfg().to_dict(), mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375])
+    cfg = PretrainedCfg.from_dict(old)
+    assert cfg.mean == pytest.approx((0.485, 0.456, 0.406))
+    assert normalization(old) == normalization(cfg.to_dict())
