@@ -376,3 +376,27 @@ def test_saved_configs_in_old_units_still_load():
     cfg = PretrainedCfg.from_dict(old)
     assert cfg.mean == pytest.approx((0.485, 0.456, 0.406))
     assert normalization(old) == normalization(cfg.to_dict())
+
+
+# --------------------------------------------------------------------------------------------------
+# 6. TorchScript and FX: clear errors naming what to use
+
+@pytest.mark.parametrize("family", ["swin", "mit", "wrapped", "fpn"])
+def test_torchscript_and_fx_raise_clear_errors(family):
+    model = FAMILIES[family]().eval()
+    with pytest.raises(RuntimeError, match="does not support TorchScript.*torch.export"):
+        torch.jit.script(model)
+    if family != "fpn":  # backbones (a segmentor's own label checks stop FX before its backbone)
+        with pytest.raises(RuntimeError, match="torch.fx symbolic tracing.*torch.export"):
+            torch.fx.symbolic_trace(model)
+    if family == "swin":
+        from torchvision.models.feature_extraction import create_feature_extractor
+
+        with pytest.raises(RuntimeError, match="forward_intermediates"):
+            create_feature_extractor(model, return_nodes=["norm0"])
+        model.eval()  # torchvision left it in train mode when tracing failed
+    # what the errors recommend works
+    x = torch.randn(1, 3, 64, 64)
+    program = torch.export.export(model, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(_first_output(program.module()(x)), _first_output(model(x)))

@@ -63,8 +63,18 @@ def submodule_group_matcher(model: nn.Module, prefix: str, coarse: bool = False)
     return match
 
 
+FX_UNSUPPORTED = (
+    "SeMask backbones cannot be traced by torch.fx symbolic tracing (window padding, shifts and masks "
+    "depend on the input size). For a graph use torch.export.export (semask.export.export_program); "
+    "for intermediate features use timm's forward_intermediates / features_only=True (instead of "
+    "torchvision's create_feature_extractor)"
+)
+
+
 def check_image_input(x: torch.Tensor, in_chans: int) -> None:
     """Raise a ValueError naming the expected layout unless x is a float (B, in_chans, H, W) tensor."""
+    if isinstance(x, torch.fx.Proxy):
+        raise RuntimeError(FX_UNSUPPORTED)
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"expected a torch.Tensor of shape (B, {in_chans}, H, W), got {type(x).__name__}")
     if x.ndim != 4:
