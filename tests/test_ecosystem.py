@@ -400,3 +400,18 @@ def test_torchscript_and_fx_raise_clear_errors(family):
     program = torch.export.export(model, (x,))
     with torch.no_grad():
         torch.testing.assert_close(_first_output(program.module()(x)), _first_output(model(x)))
+
+
+def test_pruned_features_only_loads_pretrained_trunk():
+    # features_only=True prunes the stages after the last out index (timm's FeatureGetterNet); loading
+    # a full MiT checkpoint into it still works (strictly, for the stages kept)
+    torch.manual_seed(0)
+    full = semask.create_model("semask_mit_b0", num_classes=5, semantic_layers=False, **TINY_MIT).eval()
+    fm = timm.create_model("semask_mit_b0", features_only=True, out_indices=(0, 1), pretrained=True,
+                           pretrained_cfg_overlay=dict(state_dict=full.state_dict()), num_classes=5,
+                           semantic_layers=False, **TINY_MIT).eval()
+    assert len(fm.model.stages) == 2
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        got, ref = fm(x), full(x)[0][:2]
+    assert len(got) == 2 and all(torch.equal(a, b) for a, b in zip(got, ref))

@@ -399,6 +399,8 @@ def mit_checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: Optiona
     ``model``, its semantic-layer tensors are added so ``load_state_dict(strict=True)`` works (timm's
     ``pretrained_filter_fn`` signature)."""
     mapped = {k: v for k, v in _map_segformer(state_dict).items() if k.startswith("stages.")}
+    if isinstance(model, SeMaskMiT):  # stages removed by prune_intermediate_layers (features_only) load nothing
+        mapped = {k: v for k, v in mapped.items() if int(k.split(".")[1]) < len(model.stages)}
     return _with_semantic_init(mapped, model)
 
 
