@@ -165,7 +165,10 @@ class SemanticFeaturesMixin:
         output_fmt: str = "NCHW",
         intermediates_only: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """timm's feature API: NCHW features of the requested stages (priors are dropped)."""
+        """timm's feature API: NCHW features of the requested stages (priors are dropped); ``indices``:
+        None (``out_indices``), an int (the last n stages) or stage indices. The outputs are already
+        normalised per stage, so ``norm`` changes nothing; the forward always stops after the last
+        output stage (``stop_early`` is implied)."""
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
         n = self.num_stages
