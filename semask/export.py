@@ -17,7 +17,7 @@ import torch
 import torch.fx.experimental._config as fx_config
 import torch.nn as nn
 
-__all__ = ["MIN_DYNAMIC_SIZE", "export_program", "export_onnx", "verify_onnx"]
+__all__ = ["MIN_DYNAMIC_SIZE", "min_dynamic_size", "export_program", "export_onnx", "verify_onnx"]
 
 PathLike = Union[str, Path]
 
@@ -31,16 +31,25 @@ def _example(model: nn.Module, example: Optional[torch.Tensor], size: Tuple[int,
                        dtype=p.dtype if p is not None and p.is_floating_point() else torch.float32)
 
 
-# Smallest dynamic height/width: 33 px keeps every stride-32 map at least 2 wide, so the tracer
-# never has to decide whether a stage map is 1 x 1 (a size-1 dim changes view/contiguity logic
-# and would specialise the graph). Smaller images: pad them, or export with dynamic=False.
+# Smallest dynamic height/width of SeMask Swin: 33 px keeps every stride-32 map at least 2 wide, so
+# the tracer never has to decide whether a stage map is 1 x 1 (a size-1 dim changes view/contiguity
+# logic and would specialise the graph). Other backbones have their own bound (MiT: 61, its
+# spatially reduced attention maps): see min_dynamic_size. Smaller images: pad them, or export with
+# dynamic=False.
 MIN_DYNAMIC_SIZE = 33
 
 
-def _dynamic_shapes(max_batch: int, max_size: int) -> Dict[str, Dict[int, torch.export.Dim]]:
+def min_dynamic_size(model: nn.Module) -> int:
+    """Smallest height/width a dynamic export of ``model`` (a segmentor or a backbone) accepts: the
+    backbone's ``min_dynamic_size`` (Swin 33, MiT 61), :data:`MIN_DYNAMIC_SIZE` for other modules."""
+    backbone = getattr(model, "backbone", model)
+    return int(getattr(backbone, "min_dynamic_size", MIN_DYNAMIC_SIZE))
+
+
+def _dynamic_shapes(max_batch: int, min_size: int, max_size: int) -> Dict[str, Dict[int, torch.export.Dim]]:
     return {"images": {0: torch.export.Dim("batch", min=1, max=max_batch),
-                       2: torch.export.Dim("height", min=MIN_DYNAMIC_SIZE, max=max_size),
-                       3: torch.export.Dim("width", min=MIN_DYNAMIC_SIZE, max=max_size)}}
+                       2: torch.export.Dim("height", min=min_size, max=max_size),
+                       3: torch.export.Dim("width", min=min_size, max=max_size)}}
 
 
 class _ImagesOnly(nn.Module):
@@ -69,12 +78,17 @@ def export_program(
         model: a SeMask segmentor or backbone (any module taking a ``(B, C, H, W)`` image batch).
         example: example input; default random ``(batch, in_chans, *size)`` (any size works: the
             graph does not specialise on it).
-        dynamic: symbolic batch (1..max_batch), height and width (MIN_DYNAMIC_SIZE..max_size);
-            False exports for the example's shape only.
+        dynamic: symbolic batch (1..max_batch), height and width (:func:`min_dynamic_size` of the
+            model..max_size); False exports for the example's shape only.
 
     Returns the ExportedProgram; ``program.module()(images)`` runs it.
     """
     x = _example(model, example, size, batch)
+    min_size = min_dynamic_size(model)
+    if dynamic and min(x.shape[-2:]) < min_size:
+        raise ValueError(f"a dynamic export of {type(model).__name__} needs an example of H, W >= {min_size}, got "
+                         f"{tuple(x.shape[-2:])}; use a larger example size (the graph stays size-generic) or "
+                         "dynamic=False")
     wrapped = _ImagesOnly(model)
     was_training = model.training
     model.eval()
@@ -83,7 +97,7 @@ def export_program(
         # must not specialise the graph (every op here is correct for size 1 as well)
         with fx_config.patch(backed_size_oblivious=True), torch.no_grad():
             return torch.export.export(
-                wrapped, (x,), dynamic_shapes=_dynamic_shapes(max_batch, max_size) if dynamic else None
+                wrapped, (x,), dynamic_shapes=_dynamic_shapes(max_batch, min_size, max_size) if dynamic else None
             )
     finally:
         model.train(was_training)
@@ -101,9 +115,11 @@ def export_onnx(
     optimize: bool = True,
 ) -> Path:
     """Write ``model`` as an ONNX file with input ``images`` (B, C, H, W) float32 and output ``logits``
-    (segmentors; backbones output ``features_i`` / ``priors_i``), batch, height and width dynamic.
+    (segmentors; backbones output ``features_i`` / ``priors_i``), batch, height and width dynamic
+    (H, W >= :func:`min_dynamic_size`).
 
-    Uses the dynamo-based exporter on :func:`export_program`'s graph. Returns the path.
+    Uses the dynamo-based exporter on :func:`export_program`'s graph. Returns the path. The classic
+    exporter (``torch.onnx.export(model, x, f, dynamo=False, dynamic_axes=...)``) works too.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,8 @@ from .data.imageio import pil_to_array, read_image
 from .data.transforms import keep_ratio_size, resize_image
 from .core.registry import IMAGENET_MEAN_255, IMAGENET_STD_255
 
-__all__ = ["predict", "to_image_tensor", "TTA_SCALES", "model_cfg", "normalize_images", "resolve_autocast"]
+__all__ = ["predict", "to_image_tensor", "TTA_SCALES", "model_cfg", "normalization", "normalize_images",
+           "resolve_autocast"]
 
 TTA_SCALES: Tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 ImageInput = Union[str, os.PathLike, np.ndarray, torch.Tensor, Any]  # Any: PIL.Image.Image
@@ -36,6 +37,17 @@ def model_cfg(model: nn.Module) -> Dict[str, Any]:
     if cfg is None:
         return {}
     return cfg if isinstance(cfg, dict) else cfg.to_dict()
+
+
+def normalization(cfg: Dict[str, Any]) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """``(mean, std)`` in 0..255 pixel units from a pretrained cfg dict, whose values are in timm's
+    0..1 units (configs saved by older versions hold 0..255 values: taken as they are); ImageNet's
+    statistics when the cfg has none."""
+    mean = tuple(float(v) for v in cfg.get("mean") or IMAGENET_MEAN_255)
+    std = tuple(float(v) for v in cfg.get("std") or IMAGENET_STD_255)
+    if max(mean) <= 1.0 and max(std) <= 1.0:
+        mean, std = tuple(v * 255 for v in mean), tuple(v * 255 for v in std)
+    return mean, std
 
 
 def to_image_tensor(image: ImageInput) -> torch.Tensor:
@@ -211,8 +223,9 @@ def predict(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     cfg = model_cfg(model)
-    mean = tuple(mean if mean is not None else cfg.get("mean", IMAGENET_MEAN_255))
-    std = tuple(std if std is not None else cfg.get("std", IMAGENET_STD_255))
+    cfg_mean, cfg_std = normalization(cfg)
+    mean = tuple(mean if mean is not None else cfg_mean)
+    std = tuple(std if std is not None else cfg_std)
     test_scale = cfg.get("test_scale") if resize is True else (tuple(resize) if resize else None)
     if tta:
         scales, flip = TTA_SCALES, True

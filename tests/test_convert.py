@@ -75,7 +75,7 @@ def test_config_records_everything_needed(converted, parity_dir):
     assert kw["out_indices"] == [0, 1, 2] and kw["fpn_channels"] == 32
     assert "embed_dim" not in kw  # 96 is the tiny preset already
     assert cfg["pretrained_cfg"]["num_classes"] == 21 and cfg["pretrained_cfg"]["tag"] == ""
-    assert cfg["pretrained_cfg"]["mean"] == [123.675, 116.28, 103.53]
+    assert cfg["pretrained_cfg"]["mean"] == pytest.approx([0.485, 0.456, 0.406])  # timm's units
     src = cfg["converted_from"]
     assert src["file"] == "micro_global.pth" and len(src["sha256"]) == 64
     # every official tensor is in the folder except the recomputed relative_position_index buffers

@@ -136,3 +136,64 @@ def test_window_gathers_equal_pad_roll_partition(h, w, window, shift):
     assert torch.equal(got, ref)
     back = torch.roll(window_reverse(got, window, hp, wp), (shift, shift), (1, 2))[:, :h, :w]
     assert torch.equal(windows_to_tokens(got, inv, 2), back.reshape(2, h * w, 5))
+
+
+# --------------------------------------------------------------------------------------------------
+# issue #19: per-model dynamic bounds (MiT), the classic exporter
+
+TINY_MIT = dict(embed_dims=(8, 16, 24, 32), num_heads=(1, 2, 3, 4), depths=(1, 2, 1, 1), sr_ratios=(8, 4, 2, 1))
+
+
+def _tiny_segformer() -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = semask.create_model("semask_mit_b0_segformer", num_classes=5, decoder_channels=16, **TINY_MIT).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gamma"):
+                p.fill_(0.7)
+    return model
+
+
+def test_min_dynamic_size_is_per_model(tiny_fpn):
+    from semask.export import min_dynamic_size
+
+    seg = _tiny_segformer()
+    assert min_dynamic_size(tiny_fpn) == MIN_DYNAMIC_SIZE == 33
+    assert min_dynamic_size(seg) == min_dynamic_size(seg.backbone) == 61
+    with pytest.raises(ValueError, match="H, W >= 61"):
+        export_program(seg, size=(48, 64))
+
+
+def test_onnx_mit_segformer_onnxruntime_two_sizes(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from semask.export import export_onnx
+
+    seg = _tiny_segformer()
+    path = export_onnx(seg, tmp_path / "segformer.onnx", size=(96, 128), batch=2)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for b, h, w in [(1, 61, 75), (3, 130, 97)]:  # the lower bound and a size above the export's
+        x = torch.randn(b, 3, h, w)
+        with torch.no_grad():
+            ref = seg(x).numpy()
+        got = sess.run(None, {"images": x.numpy()})[0]
+        assert got.shape == ref.shape == (b, 5, h, w)
+        np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+
+
+def test_classic_onnx_exporter_dynamic_axes(tiny_fpn, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    path = tmp_path / "classic.onnx"
+    axes = {0: "batch", 2: "height", 3: "width"}
+    with torch.no_grad():
+        torch.onnx.export(tiny_fpn, (torch.randn(1, 3, 64, 96),), str(path), dynamo=False, input_names=["images"],
+                          output_names=["logits"], dynamic_axes={"images": axes, "logits": axes})
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    # sizes other than the traced one: different paddings, shifts and window counts per stage
+    for b, h, w in [(2, 97, 131), (1, 50, 70)]:
+        x = torch.randn(b, 3, h, w)
+        with torch.no_grad():
+            ref = tiny_fpn(x).numpy()
+        got = sess.run(None, {"images": x.numpy()})[0]
+        assert got.shape == (b, 5, h, w)
+        np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)

@@ -59,7 +59,7 @@ def test_tag_metadata(size, dataset):
     assert cfg.crop_size == (crop, crop)
     assert cfg.test_scale == ((2048, 1024) if dataset == "cityscapes" else (4 * crop, crop))
     assert cfg.reduce_zero_label == (dataset != "cityscapes")
-    assert cfg.mean == (123.675, 116.28, 103.53) and cfg.std == (58.395, 57.12, 57.375)
+    assert cfg.mean == pytest.approx((0.485, 0.456, 0.406)) and cfg.std == pytest.approx((0.229, 0.224, 0.225))
     assert cfg.source_url.startswith("https://drive.google.com/file/d/")
     assert cfg.hf_hub_id == f"semask/semask_swin_{size}_fpn.{dataset}"
     assert cfg.license == "apache-2.0"

@@ -26,7 +26,9 @@ from ..core.hf import HUB_PREFIX
 from ..core.registry import register_model
 from ..layers import SemanticLayer
 from .swin import SeMaskSwinTransformer
-from ._base import SemanticFeaturesMixin, check_image_input, normalize_out_indices, per_stage_flags, per_stage_ints
+from ._base import (
+    SemanticFeaturesMixin, check_image_input, normalize_out_indices, per_stage_flags, per_stage_ints, semantic_class_count,
+)
 
 __all__ = [
     "SeMaskMiT",
@@ -194,6 +196,8 @@ class SeMaskMiT(SemanticFeaturesMixin, nn.Module):
         drop_path_rate: stochastic-depth ramp end (SegFormer: 0.1).
         sem_drop: dropout inside the semantic attention.
         out_indices: stages to output.
+        output_stride: only 32 is supported (MiT has no dilated variant).
+        num_semantic_classes: K under an unambiguous name (timm's ``num_classes=0`` then means headless).
     """
 
     def __init__(
@@ -216,11 +220,17 @@ class SeMaskMiT(SemanticFeaturesMixin, nn.Module):
         drop_path_rate: float = 0.1,
         sem_drop: float = 0.1,
         out_indices: Sequence[int] = (0, 1, 2, 3),
+        output_stride: int = 32,
+        num_semantic_classes: Optional[int] = None,
     ) -> None:
         super().__init__()
         n = len(depths)
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if output_stride != 32:
+            raise ValueError(
+                f"SeMask MiT supports output_stride=32 only (got {output_stride}): MiT has no dilated "
+                "variant. Use output_stride=32 and upsample in the decoder."
+            )
+        num_classes = semantic_class_count(num_classes, num_semantic_classes)
         lengths = {len(embed_dims), len(num_heads), len(sr_ratios), len(patch_sizes), len(strides)}
         if lengths != {n}:
             raise ValueError("embed_dims, depths, num_heads, sr_ratios, patch_sizes and strides need one entry per stage")
@@ -288,6 +298,41 @@ class SeMaskMiT(SemanticFeaturesMixin, nn.Module):
             if i == last:
                 break
         return feats, priors
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """timm's parameter groups (layer-wise lr decay): the first patch embedding, then per stage its
+        patch embedding, every block, the semantic layer (with the stage norm); ``coarse``: per stage."""
+        return dict(
+            stem=r"^stages\.0\.patch_embed",
+            blocks=r"^stages\.(\d+)" if coarse else [
+                (r"^stages\.(\d+)\.patch_embed", (-1,)),
+                (r"^stages\.(\d+)\.blocks\.(\d+)", None),
+                (r"^stages\.(\d+)\.semantic_layer", (99990,)),
+                (r"^stages\.(\d+)\.norm", (99999,)),
+            ],
+        )
+
+    def _truncate_stages(self, n: int) -> None:
+        # prune_intermediate_layers: keep stages 0..n-1
+        self.stages = self.stages[:n]
+
+    @property
+    def min_dynamic_size(self) -> int:
+        """Smallest height/width of a size-generic export: every stage map, and every spatially reduced
+        key/value map of the efficient attention, at least 2 px wide (61 for the SegFormer layout)."""
+        def ok(size: int) -> bool:
+            for i, stage in enumerate(self.stages):
+                conv = stage.patch_embed.proj
+                size = (size + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
+                sr = stage.blocks[0].attn.sr_ratio if len(stage.blocks) else 1
+                if size < 2 or size // sr < 2:
+                    return False
+                if i == max(self.out_indices):
+                    break
+            return True
+
+        return next(s for s in range(1, 1 << 16) if ok(s))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -364,6 +409,8 @@ def mit_checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: Optiona
     ``model``, its semantic-layer tensors are added so ``load_state_dict(strict=True)`` works (timm's
     ``pretrained_filter_fn`` signature)."""
     mapped = {k: v for k, v in _map_segformer(state_dict).items() if k.startswith("stages.")}
+    if isinstance(model, SeMaskMiT):  # stages removed by prune_intermediate_layers (features_only) load nothing
+        mapped = {k: v for k, v in mapped.items() if int(k.split(".")[1]) < len(model.stages)}
     return _with_semantic_init(mapped, model)
 
 
@@ -397,7 +444,7 @@ def mit_arch_kwargs(variant: str) -> dict:
 def _timm_cfg(hub_id: str) -> dict:
     # ImageNet-1k MiT weights on the Hub (transformers layout; mapped by mit_checkpoint_filter_fn)
     return dict(
-        hf_hub_id=hub_id, num_classes=150, input_size=(3, 512, 512), pool_size=None, crop_pct=1.0,
+        hf_hub_id=hub_id, num_classes=150, input_size=(3, 512, 512), pool_size=(16, 16), crop_pct=1.0,
         interpolation="bilinear", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
         first_conv="stages.0.patch_embed.proj", classifier=None, license="other",
     )

@@ -31,7 +31,9 @@ from ..core.registry import register_model
 from ..layers import (
     SemanticLayer, merge_index, padded_size, shifted_window_mask, tokens_to_windows, window_index, windows_to_tokens,
 )
-from ._base import SemanticFeaturesMixin, check_image_input, normalize_out_indices, per_stage_flags, per_stage_ints
+from ._base import (
+    SemanticFeaturesMixin, check_image_input, normalize_out_indices, per_stage_flags, per_stage_ints, semantic_class_count,
+)
 
 __all__ = ["SeMaskSwinTransformer", "SwinBlock", "SwinStage", "PatchMerging", "PatchEmbed", "WindowAttention"]
 
@@ -68,6 +70,13 @@ class WindowAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         trunc_normal_(self.relative_position_bias_table, std=0.02)
+
+    def init_non_persistent_buffers(self) -> None:
+        """Re-create ``relative_position_index`` (not in checkpoints): after a meta-device build and
+        ``to_empty`` (accelerate, transformers ``from_pretrained``) it holds garbage (timm's convention;
+        ``timm.models.reinit_non_persistent_buffers(model)`` calls it on every module)."""
+        buf = self.relative_position_index
+        buf.copy_(_relative_position_index(self.window_size).to(buf.device))
 
     def relative_position_bias(self) -> torch.Tensor:
         """(heads, N, N) bias gathered from the table."""
@@ -275,6 +284,7 @@ class SeMaskSwinTransformer(SemanticFeaturesMixin, nn.Module):
         out_indices: Sequence[int] = (0, 1, 2, 3),
         frozen_stages: int = -1,
         output_stride: int = 32,
+        num_semantic_classes: Optional[int] = None,
     ) -> None:
         super().__init__()
         n = len(depths)
@@ -285,8 +295,7 @@ class SeMaskSwinTransformer(SemanticFeaturesMixin, nn.Module):
                 f"SeMask Swin supports output_stride=32 only (got {output_stride}): Swin has no dilated "
                 "variant. Use output_stride=32 and upsample in the decoder."
             )
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        num_classes = semantic_class_count(num_classes, num_semantic_classes)
         sem_global = per_stage_flags(sem_global, n, "sem_global")
         num_sem_blocks = per_stage_ints(num_sem_blocks, n, "num_sem_blocks")
         if not semantic_layers:
@@ -301,7 +310,7 @@ class SeMaskSwinTransformer(SemanticFeaturesMixin, nn.Module):
         self.semantic_layers = semantic_layers
         self.out_indices = normalize_out_indices(out_indices, n)
         self.frozen_stages = frozen_stages
-        self.num_features = [embed_dim * 2 ** i for i in range(n)]
+        dims = [embed_dim * 2 ** i for i in range(n)]  # channels per stage (num_features: the last output's)
         self.patch_size = patch_size
         self.ape = ape
 
@@ -315,16 +324,16 @@ class SeMaskSwinTransformer(SemanticFeaturesMixin, nn.Module):
         dpr = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
         self.layers = nn.ModuleList([
             SwinStage(
-                self.num_features[i], depths[i], num_heads[i], window_size, num_classes, self.sem_window_size,
+                dims[i], depths[i], num_heads[i], window_size, num_classes, self.sem_window_size,
                 sem_global[i], num_sem_blocks[i], mlp_ratio, qkv_bias, qk_scale, drop_rate, attn_drop_rate,
                 dpr[sum(depths[:i]):sum(depths[: i + 1])], downsample=i < n - 1, sem_drop=sem_drop,
             )
             for i in range(n)
         ])
         for i in self.out_indices:
-            self.add_module(f"norm{i}", nn.LayerNorm(self.num_features[i]))
+            self.add_module(f"norm{i}", nn.LayerNorm(dims[i]))
         self.feature_info = [
-            dict(num_chs=self.num_features[i], reduction=patch_size * 2 ** i, module=f"norm{i}")
+            dict(num_chs=dims[i], reduction=patch_size * 2 ** i, module=f"norm{i}")
             for i in self.out_indices
         ]
         self.apply(self._init_weights)
@@ -370,10 +379,6 @@ class SeMaskSwinTransformer(SemanticFeaturesMixin, nn.Module):
         return len(self.layers)
 
     @torch.jit.ignore
-    def no_weight_decay(self) -> set:
-        return {"absolute_pos_embed"}
-
-    @torch.jit.ignore
     def no_weight_decay_keywords(self) -> set:
         return {"relative_position_bias_table"}
 
@@ -403,13 +408,35 @@ class SeMaskSwinTransformer(SemanticFeaturesMixin, nn.Module):
             hw = next_hw
         return feats, priors
 
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """timm's parameter groups (layer-wise lr decay): the embedding, then every Swin block, then each
+        stage's semantic layer (its patch merging and output norm join it); ``coarse``: one per stage."""
+        return dict(
+            stem=r"^patch_embed|^absolute_pos_embed",
+            blocks=[(r"^layers\.(\d+)", None), (r"^norm(\d+)", (99999,))] if coarse else [
+                (r"^layers\.(\d+)\.blocks\.(\d+)", None),
+                (r"^layers\.(\d+)\.semantic_layer", (99990,)),
+                (r"^layers\.(\d+)\.downsample", (99999,)),
+                (r"^norm(\d+)", (99999,)),
+            ],
+        )
+
+    def _truncate_stages(self, n: int) -> None:
+        # prune_intermediate_layers: keep stages 0..n-1; the last kept stage no longer merges patches
+        self.layers = self.layers[:n]
+        self.layers[-1].downsample = None
+        for i in range(n, len(self.depths)):
+            if hasattr(self, f"norm{i}"):
+                delattr(self, f"norm{i}")
+
 
 # --------------------------------------------------------------------------------------------------
 # Registered backbones (also in timm's registry: timm.create_model("semask_swin_tiny", features_only=True))
 
 def _timm_cfg(**kwargs) -> dict:
     return dict(
-        url="", num_classes=150, input_size=(3, 512, 512), pool_size=None, crop_pct=1.0,
+        url="", num_classes=150, input_size=(3, 512, 512), pool_size=(16, 16), crop_pct=1.0,
         interpolation="bilinear", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
         first_conv="patch_embed.proj", classifier=None, license="apache-2.0", **kwargs,
     )

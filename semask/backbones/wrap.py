@@ -10,17 +10,20 @@ and which memory layout each stage consumes/produces); :func:`register_adapter` 
 """
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint
+from timm.models import group_parameters
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model as timm_register_model
 
 from ..core.checkpoint import load_timm_pretrained
 from ..layers import SemanticLayer
-from ._base import SemanticFeaturesMixin, check_image_input, normalize_out_indices, per_stage_flags
+from ._base import SemanticFeaturesMixin, check_image_input, normalize_out_indices, per_stage_flags, semantic_class_count
 
 __all__ = [
     "SeMaskWrapped",
@@ -131,10 +134,10 @@ class SeMaskWrapped(SemanticFeaturesMixin, nn.Module):
         sem_residual: bool = False,
         out_norm: bool = True,
         out_indices: Optional[Sequence[int]] = None,
+        num_semantic_classes: Optional[int] = None,
     ) -> None:
         super().__init__()
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        num_classes = semantic_class_count(num_classes, num_semantic_classes)
         stage_names = adapter.stage_names(model)
         info = {f["module"]: f for f in getattr(model, "feature_info", [])}
         missing = [s for s in stage_names if s not in info]
@@ -209,6 +212,41 @@ class SeMaskWrapped(SemanticFeaturesMixin, nn.Module):
             if i == last:
                 break
         return feats, priors
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Callable[[str], Tuple[float, ...]]:
+        """timm's parameter groups (layer-wise lr decay): the timm model's own groups, each stage's
+        semantic layer and output norm as one more group right after that stage's last group."""
+        inner = self.model
+        if hasattr(inner, "group_matcher"):
+            layer = {f"model.{k}": float(v) for k, v in
+                     group_parameters(inner, inner.group_matcher(coarse), reverse=True).items()}
+        else:  # stem 0, stage i -> i + 1
+            layer = {f"model.{k}": 0.0 for k, _ in inner.named_parameters()}
+            for i, s in enumerate(self.stage_names):
+                layer.update({f"model.{s}.{k}": float(i + 1) for k, _ in inner.get_submodule(s).named_parameters()})
+        stage_end = []
+        for s in self.stage_names:
+            ids = [layer[f"model.{s}.{k}"] for k, _ in self.model.get_submodule(s).named_parameters()]
+            stage_end.append(max(ids) if ids else (stage_end[-1] if stage_end else 0.0))
+        extra = re.compile(r"^(?:semantic_layers|out_norms)\.(\d+)\.")
+
+        def match(name: str) -> Tuple[float, ...]:
+            if name in layer:
+                return (layer[name],)
+            m = extra.match(name)
+            return (stage_end[int(m.group(1))] + 0.5,) if m else (math.inf,)
+
+        return match
+
+    def _truncate_stages(self, n: int) -> None:
+        # prune_intermediate_layers: the timm stages after n - 1 become identities (no unused parameters)
+        for name in self.stage_names[n:]:
+            parent, _, child = name.rpartition(".")
+            setattr(self.model.get_submodule(parent) if parent else self.model, child, nn.Identity())
+        self.stage_names = self.stage_names[:n]
+        self.semantic_layers = self.semantic_layers[:n]
+        self.out_norms = self.out_norms[:n]
 
 
 def _in_chans(model: nn.Module) -> int:
@@ -306,13 +344,15 @@ def wrap(
 #   smp.Unet("tu-semask_wrap", encoder_weights=None, backbone="convnext_tiny")
 
 def _wrap_from_kwargs(backbone: str = "convnext_tiny", num_classes: int = 150, backbone_pretrained: bool = False,
-                      **kwargs: Any) -> SeMaskWrapped:
-    # wrap() keeps its own options and hands the rest (in_chans, dims, ...) to timm.create_model
-    return wrap(backbone, num_classes, pretrained=backbone_pretrained, **kwargs)
+                      num_semantic_classes: Optional[int] = None, **kwargs: Any) -> SeMaskWrapped:
+    # wrap() keeps its own options and hands the rest (in_chans, dims, ...) to timm.create_model;
+    # timm's num_classes=0 (headless) leaves K at num_semantic_classes or 150
+    return wrap(backbone, semantic_class_count(num_classes, num_semantic_classes), pretrained=backbone_pretrained,
+                **kwargs)
 
 
 default_cfgs = generate_default_cfgs({"semask_wrap": dict(
-    url="", num_classes=150, input_size=(3, 512, 512), pool_size=None, crop_pct=1.0, interpolation="bilinear",
+    url="", num_classes=150, input_size=(3, 512, 512), pool_size=(16, 16), crop_pct=1.0, interpolation="bilinear",
     mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), first_conv="", classifier=None)})
 
 

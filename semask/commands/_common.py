@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..inference import model_cfg, normalize_images
+from ..inference import model_cfg, normalization, normalize_images
 from ..data.transforms import keep_ratio_size, resize_image
 
 # per dataset format: (keep-ratio training/test scale (long, short) or None for native size)
@@ -97,8 +97,7 @@ def semantic_priors(model: nn.Module, image: torch.Tensor, resize: bool = True) 
     was = model.training
     model.eval()
     try:
-        out = model.forward_all(normalize_images(x, cfg.get("mean", (123.675, 116.28, 103.53)),
-                                                 cfg.get("std", (58.395, 57.12, 57.375))))
+        out = model.forward_all(normalize_images(x, *normalization(cfg)))
     finally:
         model.train(was)
     return [p[0].float().cpu() for p in (out.get("priors") or [])]

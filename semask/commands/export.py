@@ -1,7 +1,8 @@
 """``semask export MODEL[.tag] [--pretrained DIR|FILE|hf-hub:ID] --format onnx --out FILE``.
 
 Writes an ONNX file with input ``images`` (B, 3, H, W) float32 (normalised like the model's
-training data) and output ``logits`` (B, K, H, W); batch, height and width are dynamic (H, W >= 33).
+training data) and output ``logits`` (B, K, H, W); batch, height and width are dynamic (H, W >= 33 for Swin, 61 for
+MiT: ``semask.export.min_dynamic_size``).
 By default the file is checked with onnxruntime against PyTorch at two sizes other than the
 export size.
 """
@@ -25,19 +26,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..export import export_onnx, verify_onnx
+    from ..export import export_onnx, min_dynamic_size, verify_onnx
     from ._common import load_model
 
     if not args.model and not args.pretrained:
         raise SystemExit("error: give MODEL[.tag] and/or --pretrained DIR|FILE|hf-hub:ID")
-    if min(args.size) < 33 and not args.static:
-        raise SystemExit(f"error: --size {args.size[0]} {args.size[1]}: dynamic export needs H, W >= 33")
     out = Path(args.out)
     if out.suffix.lower() != ".onnx":
         raise SystemExit(f"error: --out {out} should end in .onnx")
     if not args.pretrained:
         print("note: no --pretrained given, so the exported model has random weights", flush=True)
     model = load_model(args.model, args.pretrained, args.num_classes).float().eval()
+    lo = min_dynamic_size(model)
+    if min(args.size) < lo and not args.static:
+        raise SystemExit(f"error: --size {args.size[0]} {args.size[1]}: dynamic export of this model needs H, W >= {lo}")
     batch = 1 if args.static else 2
     export_onnx(model, out, dynamic=not args.static, size=tuple(args.size), batch=batch,
                 opset_version=args.opset)
@@ -45,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
           + (" [static shape]" if args.static else " [dynamic batch, height, width]"))
     if not args.no_verify:
         h, w = args.size
-        sizes = [(1, h, w)] if args.static else [(1, h + 37, w + 13), (2, max(33, h // 2 + 1), max(33, w // 2 + 3))]
+        sizes = [(1, h, w)] if args.static else [(1, h + 37, w + 13), (2, max(lo, h // 2 + 1), max(lo, w // 2 + 3))]
         err = verify_onnx(out, model, sizes)
         print(f"onnxruntime vs PyTorch: max abs diff {err:.2e} at (B, H, W) = {sizes}")
         if err > 1e-3:

@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     import semask
     from ..data.datasets import SegmentationFolder, build_dataset
     from ..data.transforms import train_transforms
-    from ..inference import model_cfg
+    from ..inference import model_cfg, normalization
     from ..metrics import format_metrics_table
     from ..train import TrainConfig, Trainer, init_distributed, set_dataset_cfg
 
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     model = semask.create_model(args.model, pretrained=args.pretrained or False, num_classes=k,
                                 pretrained_backbone=args.pretrained_backbone, **overrides)
     cfg = model_cfg(model)
-    mean, std = cfg.get("mean", (123.675, 116.28, 103.53)), cfg.get("std", (58.395, 57.12, 57.375))
+    mean, std = normalization(cfg)  # 0..255 units for the training pipeline
     scale = tuple(args.scale) if args.scale else FORMAT_SCALES.get(args.format)
     if scale is None and args.format in ("camvid", "folder", "synthetic"):
         h, w = probe.load(0)["image"].shape[-2:]  # native size: augment around it

@@ -54,7 +54,7 @@ def render_model_card(config: Mapping[str, Any], repo_id: Optional[str] = None,
     if mk:
         lines.append("- build arguments: " + ", ".join(f"`{a}={v!r}`" for a, v in sorted(mk.items())))
     if pcfg.get("mean") and pcfg.get("std"):
-        lines.append(f"- input: RGB in 0..255, normalised with mean {tuple(pcfg['mean'])}, std {tuple(pcfg['std'])}")
+        lines.append(f"- input: RGB scaled to 0..1, normalised with mean {tuple(pcfg['mean'])}, std {tuple(pcfg['std'])}")
     if pcfg.get("crop_size"):
         lines.append(f"- training crop: {tuple(pcfg['crop_size'])}")
     if pcfg.get("source_url"):

@@ -36,6 +36,8 @@ __all__ = [
 
 IMAGENET_MEAN_255 = (123.675, 116.28, 103.53)
 IMAGENET_STD_255 = (58.395, 57.12, 57.375)
+IMAGENET_MEAN = tuple(m / 255 for m in IMAGENET_MEAN_255)  # timm's units (images scaled to 0..1)
+IMAGENET_STD = tuple(s / 255 for s in IMAGENET_STD_255)
 
 
 @dataclass
@@ -44,7 +46,10 @@ class PretrainedCfg:
 
     ``arch_kwargs`` are passed to the model builder (e.g. the per-stage windowed/global semantic
     pattern that the official code hard-coded for that checkpoint and that shapes cannot tell).
-    Normalisation is in 0..255 pixel units (RGB), as in mmseg.
+    Normalisation ``mean`` / ``std`` is in timm's units (RGB scaled to 0..1; mmseg's 0..255 values
+    divided by 255). ``to_dict()`` (a model's ``pretrained_cfg``) adds timm's ``input_size`` (the
+    official test size: the short side of ``test_scale``, else the crop), ``interpolation`` and
+    ``crop_pct``, so ``timm.data.resolve_data_config(model=model)`` describes the official pipeline.
     """
 
     tag: str = ""
@@ -58,8 +63,8 @@ class PretrainedCfg:
     dataset: str = ""
     class_names: Optional[Tuple[str, ...]] = None
     palette: Optional[Tuple[Tuple[int, int, int], ...]] = None
-    mean: Tuple[float, float, float] = IMAGENET_MEAN_255
-    std: Tuple[float, float, float] = IMAGENET_STD_255
+    mean: Tuple[float, float, float] = IMAGENET_MEAN  # type: ignore[assignment]
+    std: Tuple[float, float, float] = IMAGENET_STD  # type: ignore[assignment]
     crop_size: Tuple[int, int] = (512, 512)
     test_scale: Optional[Tuple[int, int]] = (2048, 512)  # keep-ratio resize (long, short) at test time
     reduce_zero_label: bool = False
@@ -69,7 +74,11 @@ class PretrainedCfg:
     notes: str = ""
 
     def to_dict(self) -> Dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        side = min(self.test_scale) if self.test_scale else None
+        d.update(input_size=(3, side, side) if side else (3, *self.crop_size), interpolation="bilinear",
+                 crop_pct=1.0, crop_mode="squash")
+        return d
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "PretrainedCfg":
@@ -77,6 +86,9 @@ class PretrainedCfg:
         for k in ("mean", "std", "crop_size", "test_scale", "class_names"):
             if known.get(k) is not None:
                 known[k] = tuple(known[k])
+        for k in ("mean", "std"):  # configs saved before timm's units: 0..255 values
+            if known.get(k) is not None and max(known[k]) > 1.0:
+                known[k] = tuple(v / 255 for v in known[k])
         if known.get("palette") is not None:
             known["palette"] = tuple(tuple(c) for c in known["palette"])
         return cls(**known)

@@ -5,6 +5,10 @@ Every dataset returns sample dicts ``{"image": uint8 Tensor (3, H, W) RGB, "labe
 through the optional ``transforms`` (see :mod:`semask.data.transforms`). Raw label values are
 mapped with a 256-entry lookup table: ``reduce_zero_label`` (ADE20K, COCO-Stuff-10k: 0 -> 255,
 k -> k-1), Cityscapes labelIds -> trainIds, CamVid void 11 -> 255.
+
+The image is a ``torchvision.tv_tensors.Image`` and the label a ``tv_tensors.Mask`` (plain tensors
+otherwise), so torchvision v2 transforms given as ``transforms`` move both alike (a random flip or
+crop of the image applies to its label; masks are resized with nearest neighbours).
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+from torchvision import tv_tensors
 
 from .classes import get_dataset_meta
 from .imageio import ImageReadError, read_image
@@ -151,7 +156,7 @@ class SegmentationFolder(Dataset):
 
     def load(self, i: int) -> Dict[str, Any]:
         """Sample ``i`` before transforms."""
-        sample: Dict[str, Any] = {"image": read_image(self.images[i]), "path": str(self.images[i])}
+        sample: Dict[str, Any] = {"image": tv_tensors.Image(read_image(self.images[i])), "path": str(self.images[i])}
         if self.labels is not None:
             label = _read_label(self.labels[i], self.lut)
             if tuple(label.shape) != tuple(sample["image"].shape[-2:]):
@@ -162,7 +167,7 @@ class SegmentationFolder(Dataset):
                     "with nearest-neighbour interpolation")
             if self.num_classes is not None:
                 check_label(label, self.num_classes, self.ignore_index, where=f"label map {self.labels[i]}")
-            sample["label"] = label
+            sample["label"] = tv_tensors.Mask(label)
         return sample
 
     def __getitem__(self, i: int) -> Dict[str, Any]:

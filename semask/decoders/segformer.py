@@ -47,10 +47,10 @@ class SegFormerHead(nn.Module):
             raise ValueError(f"SegFormerHead expects {len(self.linear_c)} feature levels, got {len(features)}")
         size = features[0].shape[-2:]
         outs = []
-        for proj, f in zip(self.linear_c, features):
+        for i, (proj, f) in enumerate(zip(self.linear_c, features)):
             # the Linear on channels == a 1x1 conv; done channels-last to use the Linear weights as-is
             y = proj(f.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-            if y.shape[-2:] != size:
+            if i > 0:  # (no size test: under torch.export it would guard on the level sizes differing)
                 y = F.interpolate(y, size=size, mode="bilinear", align_corners=self.align_corners)
             outs.append(y)
         x = self.act(self.bn(self.linear_fuse(torch.cat(outs[::-1], dim=1))))

@@ -113,8 +113,10 @@ def window_index(h: Size, w: Size, window: int, shift: int = 0, device: Device =
     r, c = _window_coords(hp, wp, window, device)
     r, c = _mod(r + shift, hp), _mod(c + shift, wp)  # rolled[i] = padded[(i + shift) % hp]
     fwd = torch.where((r < h) & (c < w), r * w + c, h * w)
-    i = _mod(torch.arange(h, device=device) - shift, hp)  # where token row i lands in the rolled grid
-    j = _mod(torch.arange(w, device=device) - shift, wp)
+    # where token row i lands in the rolled grid: (i - shift) mod hp, with a non-negative dividend
+    # (the classic ONNX exporter's integer division truncates instead of flooring)
+    i = _mod(torch.arange(h, device=device) + (hp - shift), hp)
+    j = _mod(torch.arange(w, device=device) + (wp - shift), wp)
     n, nww = window * window, wp // window
     inv = ((i // window)[:, None] * nww + (j // window)[None, :]) * n + (
         (i % window)[:, None] * window + (j % window)[None, :])

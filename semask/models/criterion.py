@@ -198,6 +198,11 @@ class SetCriterion(nn.Module):
         empty_weight[-1] = eos_coef
         self.register_buffer("empty_weight", empty_weight, persistent=False)  # not in checkpoints
 
+    def init_non_persistent_buffers(self) -> None:
+        """Re-create ``empty_weight`` (not in checkpoints) after a meta-device build + ``to_empty``."""
+        self.empty_weight.fill_(1.0)
+        self.empty_weight[-1] = self.eos_coef
+
     def loss_labels(self, logits: torch.Tensor, targets: Sequence[Target], indices) -> torch.Tensor:
         target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
         for b, (src, tgt) in enumerate(indices):

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..backbones._base import official_no_weight_decay, submodule_group_matcher
 from ..decoders.fpn import SemanticDecoder
 from ..core.mixin import HubMixin
 from ..layers import SemanticAttention
@@ -162,3 +163,19 @@ class SeMaskSegmentor(HubMixin, nn.Module):
                 continue
             (no_decay if any(k in name for k in no_decay_keywords) else decay).append(p)
         return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Callable[[str], Tuple[float, ...]]:
+        """timm's parameter groups (``create_optimizer_v2(model, layer_decay=...)``): the backbone's
+        block groups, then the decoder as the last group."""
+        return submodule_group_matcher(self, "backbone.", coarse)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        """Parameter names without weight decay (official rule: position tables and every norm)."""
+        return official_no_weight_decay(self)
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the backbone's blocks in the backward pass (less memory, same gradients)."""
+        self.backbone.set_grad_checkpointing(enable)
