@@ -12,7 +12,7 @@ from ..decoders.fpn import SemanticDecoder
 from ..hub.mixin import HubMixin
 from ..layers import SemanticAttention
 from ..layers.cpu import ReusableOutput, upsample_bilinear
-from ..losses import ohem_weights, segmentation_ce
+from ..losses import ohem_weights, segmentation_ce, upsampled_ce
 
 __all__ = ["SeMaskSegmentor"]
 
@@ -125,15 +125,17 @@ class SeMaskSegmentor(HubMixin, nn.Module):
                 f"{tuple(labels.shape)} {labels.dtype}"
             )
         labels = labels.long()
-        seg = F.interpolate(head_seg, size=labels.shape[-2:], mode="bilinear", align_corners=self.align_corners)
-        weight = None
         if self.ohem is not None:
+            seg = F.interpolate(head_seg, size=labels.shape[-2:], mode="bilinear", align_corners=self.align_corners)
             weight = ohem_weights(seg, labels, ignore_index=self.ignore_index, **self.ohem)
-        losses = {"loss_ce": segmentation_ce(seg, labels, self.ignore_index, self.loss_reduction, weight)}
+            losses = {"loss_ce": segmentation_ce(seg, labels, self.ignore_index, self.loss_reduction, weight)}
+        else:
+            # the resize to the labels and the CE run together in row slabs (no full-size logits kept)
+            losses = {"loss_ce": upsampled_ce(head_seg, labels, self.ignore_index, self.loss_reduction,
+                                              self.align_corners)}
         if head_sem is not None and self.sem_loss_weight:
-            losses["loss_cate"] = self.sem_loss_weight * segmentation_ce(
-                head_sem, labels, self.ignore_index, self.loss_reduction
-            )
+            losses["loss_cate"] = self.sem_loss_weight * upsampled_ce(
+                head_sem, labels, self.ignore_index, self.loss_reduction)
         losses["loss"] = sum(losses.values())
         return losses
 
@@ -143,9 +145,13 @@ class SeMaskSegmentor(HubMixin, nn.Module):
             raise ValueError(
                 f"labels {tuple(labels.shape)} must match the images' batch and size {tuple(images.shape)}"
             )
-        out = self.forward_all(images)
-        losses = self.compute_losses(out["head_seg"], out["head_sem"], labels)
-        losses["logits"] = out["logits"]
+        feats, priors = self.backbone(images)
+        head_seg = self.decode_head(feats)
+        head_sem = self.semantic_decoder(priors) if len(priors) else None
+        losses = self.compute_losses(head_seg, head_sem, labels)
+        with torch.no_grad():  # for metrics (detached: the losses never need full-size logits)
+            losses["logits"] = F.interpolate(head_seg, size=images.shape[-2:], mode="bilinear",
+                                             align_corners=self.align_corners)
         return losses
 
     def reset_classifier(self, num_classes: int) -> None:
