@@ -149,8 +149,9 @@ def upsampled_ce(
         raise ValueError(f"reduction must be 'valid' or 'mmseg', got {reduction!r}")
     (h, w), (big_h, big_w) = logits.shape[-2:], labels.shape[-2:]
     scale = big_h // h if h and big_h % h == 0 else 0
-    if align_corners or scale < 2 or big_w % w or big_w // w != scale:
-        # not an integer factor (odd image sizes), or align_corners: resize the whole map
+    if align_corners or scale < 2 or big_w % w or big_w // w != scale or torch.compiler.is_compiling():
+        # not an integer factor (odd image sizes), align_corners, or torch.compile (its graph takes the
+        # plain ops, which inductor fuses itself): resize the whole map
         return segmentation_ce(F.interpolate(logits, size=(big_h, big_w), mode="bilinear", align_corners=align_corners)
                                if scale != 1 else logits, labels, ignore_index, reduction)
     return _UpsampledCE.apply(logits, labels.long(), ignore_index, reduction, scale)

@@ -142,3 +142,51 @@ def test_peak_memory_counts_live_tensors():
     assert mem.peak == 8_000_000 and mem.current == 4_000_000
     with pytest.raises(ValueError, match="cpu and cuda"):
         PeakMemory("mps").__enter__()
+
+
+def test_compiled_training_step_has_no_graph_break_and_equal_gradients():
+    torch.manual_seed(0)
+    model = semask.create_model("semask_swin_tiny_fpn", num_classes=5, embed_dim=16, depths=(2, 2, 2, 2),
+                                num_heads=(1, 2, 2, 4), fpn_channels=16).eval()  # eval: no dropout draws
+    x = torch.randn(2, 3, 64, 64)
+    labels = torch.randint(0, 5, (2, 64, 64))
+
+    def step(images, target):
+        return model(images, target)["loss"]
+
+    def grads(fn):
+        model.zero_grad(set_to_none=True)
+        loss = fn(x, labels)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    eager_loss, eager = grads(step)
+    torch._dynamo.reset()
+    # fullgraph=True: any graph break raises; aot_eager traces forward and backward without codegen
+    compiled_loss, compiled = grads(torch.compile(step, backend="aot_eager", fullgraph=True))
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-6)
+    assert compiled.keys() == eager.keys()
+    for n in eager:
+        torch.testing.assert_close(compiled[n], eager[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_bf16_autocast_training_gradients_follow_fp32():
+    torch.manual_seed(0)
+    model = semask.create_model("semask_swin_tiny_fpn", num_classes=5, embed_dim=16, depths=(2, 2, 2, 2),
+                                num_heads=(1, 2, 2, 4), fpn_channels=16).eval()
+    x = torch.randn(2, 3, 64, 64)
+    labels = torch.randint(0, 5, (2, 64, 64))
+
+    def grads(bf16: bool):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            losses = model(x, labels)
+        losses["loss"].backward()
+        return losses, torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    ref_losses, ref = grads(False)
+    losses, g = grads(True)
+    assert g.dtype == torch.float32 and torch.isfinite(g).all()
+    assert losses["loss_ce"].dtype == torch.float32  # the losses themselves run in fp32
+    torch.testing.assert_close(losses["loss"], ref_losses["loss"], rtol=2e-2, atol=0)
+    assert F.cosine_similarity(g, ref, dim=0) > 0.99
