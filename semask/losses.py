@@ -6,7 +6,12 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["segmentation_ce", "ohem_weights"]
+__all__ = ["segmentation_ce", "upsampled_ce", "ohem_weights"]
+
+# Upper bound on the bytes of one full-resolution (B, K, rows, W) float32 slab in :func:`upsampled_ce`
+# (three such slabs are alive at once; a slab is also at most 1/8 of the whole map): a memory bound,
+# not a speed constant.
+_SLAB_BYTES = 16 << 20
 
 
 def ohem_weights(
@@ -40,6 +45,14 @@ def ohem_weights(
         return weight
 
 
+def _reduce(loss: torch.Tensor, labels: torch.Tensor, ignore_index: int, reduction: str) -> torch.Tensor:
+    if reduction == "mmseg":
+        return loss.sum() / labels.numel()
+    if reduction == "valid":
+        return loss.sum() / (labels != ignore_index).sum().clamp_min(1)
+    raise ValueError(f"reduction must be 'valid' or 'mmseg', got {reduction!r}")
+
+
 def segmentation_ce(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -62,8 +75,83 @@ def segmentation_ce(
     loss = F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="none")
     if weight is not None:
         loss = loss * weight
-    if reduction == "mmseg":
-        return loss.mean()
-    if reduction == "valid":
-        return loss.sum() / (labels != ignore_index).sum().clamp_min(1)
-    raise ValueError(f"reduction must be 'valid' or 'mmseg', got {reduction!r}")
+    return _reduce(loss, labels, ignore_index, reduction)
+
+
+class _UpsampledCE(torch.autograd.Function):
+    # The loss and, when needed, its gradient with respect to the low-resolution logits are computed
+    # together, slab by slab of output rows: the full-resolution logits, their log-softmax and their
+    # gradient never exist as whole tensors (they dominate the memory of a training step). A slab is
+    # the resize of input rows r0 - 1 .. r1 + 1 (one row of context each side): with an integer factor
+    # and align_corners False the resize commutes with whole-row shifts, so its rows away from the
+    # slab's edges equal those of resizing the whole map (the border clamp is kept where the slab
+    # touches the map's border).
+
+    @staticmethod
+    def forward(ctx, logits, labels, ignore_index, reduction, scale):  # type: ignore[override]
+        b, k, h, w = logits.shape
+        big_w = labels.shape[-1]
+        x = logits.detach().float()
+        norm = labels.numel() if reduction == "mmseg" else int((labels != ignore_index).sum().clamp_min(1))
+        grad = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
+        total = x.new_zeros((), dtype=torch.float64)
+        # input rows per slab: its (B, K, rows * scale, W) float32 resize stays within the budget
+        row_bytes = b * k * big_w * 4 * scale
+        step = max(1, min(_SLAB_BYTES, row_bytes * h // 8) // max(1, row_bytes))
+        for r0 in range(0, h, step):
+            r1 = min(r0 + step, h)
+            lab = labels[:, r0 * scale:r1 * scale]
+            valid = lab != ignore_index
+            tgt = torch.where(valid, lab, 0).unsqueeze(1)
+            lo, hi = max(r0 - 1, 0), min(r1 + 1, h)
+            off = (r0 - lo) * scale  # where output row r0 * scale starts in the slab
+            with torch.enable_grad():
+                xs = x[:, :, lo:hi].requires_grad_(grad is not None)
+                y = F.interpolate(xs, size=((hi - lo) * scale, big_w), mode="bilinear", align_corners=False)
+            logp = y.detach()[:, :, off:off + lab.shape[1]].log_softmax(1)
+            total -= (logp.gather(1, tgt).squeeze(1) * valid).sum(dtype=torch.float64)
+            if grad is not None:
+                # d CE / d logit = softmax - onehot(target), zero at ignored pixels; then through the resize
+                g = logp.exp_()
+                g.scatter_add_(1, tgt, torch.full(tgt.shape, -1.0, dtype=g.dtype, device=g.device))
+                g.mul_(valid.unsqueeze(1))
+                gy = torch.zeros_like(y)
+                gy[:, :, off:off + lab.shape[1]] = g
+                (gx,) = torch.autograd.grad(y, xs, gy)
+                grad[:, :, lo:hi] += gx
+        if grad is not None:
+            ctx.save_for_backward(grad.div_(norm).to(logits.dtype))
+        return (total / norm).to(torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        (grad,) = ctx.saved_tensors
+        return grad * grad_out, None, None, None, None
+
+
+def upsampled_ce(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = 255,
+    reduction: str = "valid",
+    align_corners: bool = False,
+) -> torch.Tensor:
+    """``segmentation_ce(F.interpolate(logits, labels' size, bilinear), labels)`` with linear memory.
+
+    logits: (B, K, h, w) low-resolution logits; labels: (B, H, W) or (B, 1, H, W) ints. The same value
+    and gradient as resizing first (up to float rounding), computed over slabs of output rows so that no
+    (B, K, H, W) tensor is kept for the backward pass (integer resize factors; other sizes resize the
+    whole map). First-order gradients only.
+    """
+    if labels.ndim == 4:
+        labels = labels.squeeze(1)
+    if reduction not in ("valid", "mmseg"):
+        raise ValueError(f"reduction must be 'valid' or 'mmseg', got {reduction!r}")
+    (h, w), (big_h, big_w) = logits.shape[-2:], labels.shape[-2:]
+    scale = big_h // h if h and big_h % h == 0 else 0
+    if align_corners or scale < 2 or big_w % w or big_w // w != scale or torch.compiler.is_compiling():
+        # not an integer factor (odd image sizes), align_corners, or torch.compile (its graph takes the
+        # plain ops, which inductor fuses itself): resize the whole map
+        return segmentation_ce(F.interpolate(logits, size=(big_h, big_w), mode="bilinear", align_corners=align_corners)
+                               if scale != 1 else logits, labels, ignore_index, reduction)
+    return _UpsampledCE.apply(logits, labels.long(), ignore_index, reduction, scale)

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..losses import segmentation_ce
+from ..losses import upsampled_ce
 
 __all__ = [
     "point_sample", "uncertain_point_coords", "sigmoid_focal_loss", "dice_loss", "sigmoid_ce_loss",
@@ -249,7 +249,8 @@ class SetCriterion(nn.Module):
             losses["loss_mask" + suffix] = w["loss_mask"] * lm
             losses["loss_dice" + suffix] = w["loss_dice"] * ld
         if sem_pred is not None and sem_labels is not None and w["loss_cate"]:
-            # mean over valid pixels (PyTorch's ignore_index reduction), final prediction only
-            losses["loss_cate"] = w["loss_cate"] * segmentation_ce(sem_pred, sem_labels, self.ignore_index, "valid")
+            # mean over valid pixels (PyTorch's ignore_index reduction), final prediction only; the resize
+            # to the labels and the CE run together in row slabs
+            losses["loss_cate"] = w["loss_cate"] * upsampled_ce(sem_pred, sem_labels, self.ignore_index, "valid")
         losses["loss"] = sum(losses.values())
         return losses

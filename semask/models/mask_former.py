@@ -160,8 +160,9 @@ class SeMaskMaskFormer(HubMixin, nn.Module):
         padded_labels = self.pad(labels.long(), self.ignore_index)
         targets = semantic_targets(padded_labels, self.ignore_index)
         losses = self.criterion(out, targets, out["sem_pred"], padded_labels, generator)
-        losses["logits"] = self.semantic_inference(out["pred_logits"], out["pred_masks"], out["image_size"],
-                                                   out["padded_size"])
+        with torch.no_grad():  # for metrics (detached: the official training step never computes them)
+            losses["logits"] = self.semantic_inference(out["pred_logits"], out["pred_masks"], out["image_size"],
+                                                       out["padded_size"])
         return losses
 
     def reset_classifier(self, num_classes: int) -> None:

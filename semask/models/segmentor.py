@@ -12,7 +12,7 @@ from ..backbones._base import official_no_weight_decay, submodule_group_matcher
 from ..decoders.fpn import SemanticDecoder
 from ..core.mixin import HubMixin
 from ..layers import SemanticAttention
-from ..losses import ohem_weights, segmentation_ce
+from ..losses import ohem_weights, segmentation_ce, upsampled_ce
 
 __all__ = ["SeMaskSegmentor"]
 
@@ -111,25 +111,31 @@ class SeMaskSegmentor(HubMixin, nn.Module):
                 f"{tuple(labels.shape)} {labels.dtype}"
             )
         labels = labels.long()
-        k = head_seg.shape[1]
+        if not torch.compiler.is_compiling():  # (a data-dependent branch would break a compiled graph)
+            self._check_labels(labels, head_seg.shape[1])
+        if self.ohem is not None:
+            seg = F.interpolate(head_seg, size=labels.shape[-2:], mode="bilinear", align_corners=self.align_corners)
+            weight = ohem_weights(seg, labels, ignore_index=self.ignore_index, **self.ohem)
+            losses = {"loss_ce": segmentation_ce(seg, labels, self.ignore_index, self.loss_reduction, weight)}
+        else:
+            # the resize to the labels and the CE run together in row slabs (no full-size logits kept)
+            losses = {"loss_ce": upsampled_ce(head_seg, labels, self.ignore_index, self.loss_reduction,
+                                              self.align_corners)}
+        if head_sem is not None and self.sem_loss_weight:
+            losses["loss_cate"] = self.sem_loss_weight * upsampled_ce(
+                head_sem, labels, self.ignore_index, self.loss_reduction)
+        losses["loss"] = sum(losses.values())
+        return losses
+
+    def _check_labels(self, labels: torch.Tensor, k: int) -> None:
+        # a clear error instead of cross_entropy's "Target 7 is out of bounds" (or a CUDA assert)
         bad = (labels != self.ignore_index) & ((labels < 0) | (labels >= k))
-        if bool(bad.any()):  # else cross_entropy fails with "Target 7 is out of bounds" (or a CUDA assert)
+        if bool(bad.any()):
             ids = torch.unique(labels[bad]).tolist()
             more = f", or build the model with num_classes={max(ids) + 1}" if max(ids) >= k else ""
             raise ValueError(
                 f"labels contain class ids {ids[:10]} outside 0..{k - 1} (num_classes={k}, ignore_index="
                 f"{self.ignore_index}): map them to training ids or to {self.ignore_index}{more}")
-        seg = F.interpolate(head_seg, size=labels.shape[-2:], mode="bilinear", align_corners=self.align_corners)
-        weight = None
-        if self.ohem is not None:
-            weight = ohem_weights(seg, labels, ignore_index=self.ignore_index, **self.ohem)
-        losses = {"loss_ce": segmentation_ce(seg, labels, self.ignore_index, self.loss_reduction, weight)}
-        if head_sem is not None and self.sem_loss_weight:
-            losses["loss_cate"] = self.sem_loss_weight * segmentation_ce(
-                head_sem, labels, self.ignore_index, self.loss_reduction
-            )
-        losses["loss"] = sum(losses.values())
-        return losses
 
     def loss(self, images: torch.Tensor, labels: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Training step: dict with ``loss``, ``loss_ce``, ``loss_cate`` and ``logits``."""
@@ -137,9 +143,13 @@ class SeMaskSegmentor(HubMixin, nn.Module):
             raise ValueError(
                 f"labels {tuple(labels.shape)} must match the images' batch and size {tuple(images.shape)}"
             )
-        out = self.forward_all(images)
-        losses = self.compute_losses(out["head_seg"], out["head_sem"], labels)
-        losses["logits"] = out["logits"]
+        feats, priors = self.backbone(images)
+        head_seg = self.decode_head(feats)
+        head_sem = self.semantic_decoder(priors) if len(priors) else None
+        losses = self.compute_losses(head_seg, head_sem, labels)
+        with torch.no_grad():  # for metrics (detached: the losses never need full-size logits)
+            losses["logits"] = F.interpolate(head_seg, size=images.shape[-2:], mode="bilinear",
+                                             align_corners=self.align_corners)
         return losses
 
     def reset_classifier(self, num_classes: int) -> None:
