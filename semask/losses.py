@@ -6,10 +6,12 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .layers.resize import resize_rows, row_slabs
+
 __all__ = ["segmentation_ce", "upsampled_ce", "ohem_weights"]
 
 # Upper bound on the bytes of one full-resolution (B, K, rows, W) float32 slab in :func:`upsampled_ce`
-# (three such slabs are alive at once; a slab is also at most 1/8 of the whole map): a memory bound,
+# (a few such slabs are alive at once; a slab is also at most 1/8 of the whole map): a memory bound,
 # not a speed constant.
 _SLAB_BYTES = 16 << 20
 
@@ -81,11 +83,7 @@ def segmentation_ce(
 class _UpsampledCE(torch.autograd.Function):
     # The loss and, when needed, its gradient with respect to the low-resolution logits are computed
     # together, slab by slab of output rows: the full-resolution logits, their log-softmax and their
-    # gradient never exist as whole tensors (they dominate the memory of a training step). A slab is
-    # the resize of input rows r0 - 1 .. r1 + 1 (one row of context each side): with an integer factor
-    # and align_corners False the resize commutes with whole-row shifts, so its rows away from the
-    # slab's edges equal those of resizing the whole map (the border clamp is kept where the slab
-    # touches the map's border).
+    # gradient never exist as whole tensors (they dominate the memory of a training step)
 
     @staticmethod
     def forward(ctx, logits, labels, ignore_index, reduction, scale):  # type: ignore[override]
@@ -95,29 +93,22 @@ class _UpsampledCE(torch.autograd.Function):
         norm = labels.numel() if reduction == "mmseg" else int((labels != ignore_index).sum().clamp_min(1))
         grad = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
         total = x.new_zeros((), dtype=torch.float64)
-        # input rows per slab: its (B, K, rows * scale, W) float32 resize stays within the budget
-        row_bytes = b * k * big_w * 4 * scale
-        step = max(1, min(_SLAB_BYTES, row_bytes * h // 8) // max(1, row_bytes))
-        for r0 in range(0, h, step):
-            r1 = min(r0 + step, h)
+        for r0, r1 in row_slabs(h, b * k * big_w * 4 * scale, _SLAB_BYTES):
             lab = labels[:, r0 * scale:r1 * scale]
             valid = lab != ignore_index
             tgt = torch.where(valid, lab, 0).unsqueeze(1)
-            lo, hi = max(r0 - 1, 0), min(r1 + 1, h)
-            off = (r0 - lo) * scale  # where output row r0 * scale starts in the slab
+            lo, hi = max(r0 - 1, 0), min(r1 + 1, h)  # the slab's input rows (with their context)
             with torch.enable_grad():
                 xs = x[:, :, lo:hi].requires_grad_(grad is not None)
-                y = F.interpolate(xs, size=((hi - lo) * scale, big_w), mode="bilinear", align_corners=False)
-            logp = y.detach()[:, :, off:off + lab.shape[1]].log_softmax(1)
+                y = resize_rows(xs, r0 - lo, r1 - lo, scale, big_w)
+            logp = y.detach().log_softmax(1)
             total -= (logp.gather(1, tgt).squeeze(1) * valid).sum(dtype=torch.float64)
             if grad is not None:
                 # d CE / d logit = softmax - onehot(target), zero at ignored pixels; then through the resize
                 g = logp.exp_()
                 g.scatter_add_(1, tgt, torch.full(tgt.shape, -1.0, dtype=g.dtype, device=g.device))
                 g.mul_(valid.unsqueeze(1))
-                gy = torch.zeros_like(y)
-                gy[:, :, off:off + lab.shape[1]] = g
-                (gx,) = torch.autograd.grad(y, xs, gy)
+                (gx,) = torch.autograd.grad(y, xs, g)
                 grad[:, :, lo:hi] += gx
         if grad is not None:
             ctx.save_for_backward(grad.div_(norm).to(logits.dtype))

@@ -190,3 +190,28 @@ def test_bf16_autocast_training_gradients_follow_fp32():
     assert losses["loss_ce"].dtype == torch.float32  # the losses themselves run in fp32
     torch.testing.assert_close(losses["loss"], ref_losses["loss"], rtol=2e-2, atol=0)
     assert F.cosine_similarity(g, ref, dim=0) > 0.99
+
+
+@pytest.mark.parametrize("scale, rows", [(4, 9), (2, 5), (3, 1)])
+def test_resize_rows_equal_the_whole_map(scale, rows):
+    from semask.layers.resize import resize_rows, row_slabs
+
+    x = torch.randn(2, 3, rows, 7)
+    whole = F.interpolate(x, size=(rows * scale, 7 * scale), mode="bilinear", align_corners=False)
+    slabs = row_slabs(rows, row_bytes=100, budget=150)
+    assert slabs[0][0] == 0 and slabs[-1][1] == rows
+    parts = torch.cat([resize_rows(x, r0, r1, scale, 7 * scale) for r0, r1 in slabs], dim=2)
+    torch.testing.assert_close(parts, whole, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("size, padded", [((32, 32), (32, 32)), ((30, 45), (32, 48)), ((17, 19), (20, 20))])
+def test_mask_former_semantic_inference_in_slabs(size, padded, monkeypatch):
+    from semask.models import mask_former
+
+    monkeypatch.setattr(mask_former, "_MASK_SLAB_BYTES", 256)  # one input row per slab
+    torch.manual_seed(0)
+    logits, masks = torch.randn(2, 7, 5), torch.randn(2, 7, padded[0] // 4, padded[1] // 4)
+    up = F.interpolate(masks, size=padded, mode="bilinear", align_corners=False)[..., : size[0], : size[1]]
+    ref = torch.einsum("bqc,bqhw->bchw", logits.softmax(-1)[..., :-1], up.sigmoid())
+    out = mask_former.SeMaskMaskFormer.semantic_inference(logits, masks, size, padded)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)

@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..backbones._base import autocast_enabled
+
 __all__ = ["eager_cpu_inference", "is_plain", "linear", "pack_linear_weight", "upsample_bilinear"]
 
 
@@ -32,13 +34,6 @@ ONEDNN_LINEAR = _has_onednn_linear()
 CAN_PACK = ONEDNN_LINEAR and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
-def _autocast_cpu() -> bool:
-    try:
-        return torch.is_autocast_enabled("cpu")
-    except TypeError:  # torch < 2.4
-        return torch.is_autocast_cpu_enabled()
-
-
 def is_traced() -> bool:
     """True under torch.compile, torch.export (ONNX) or jit tracing."""
     return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
@@ -48,7 +43,7 @@ def eager_cpu_inference(x: torch.Tensor) -> bool:
     """True when ``x`` (fp32, CPU) runs eagerly without autograd and without autocast: the only
     setting where the optimized paths run (everything else takes the reference forward)."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
-            and not is_traced() and not _autocast_cpu())
+            and not is_traced() and not autocast_enabled("cpu"))
 
 
 def is_plain(module: Optional[nn.Module], cls: type) -> bool:

@@ -71,6 +71,14 @@ FX_UNSUPPORTED = (
 )
 
 
+def autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (``torch.is_autocast_enabled(device)`` needs torch >= 2.4)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
 def check_image_input(x: torch.Tensor, in_chans: int, weight_dtype: Optional[torch.dtype] = None) -> None:
     """Raise a ValueError saying what to do unless x is a non-empty float (B, in_chans, H, W) tensor
     (of ``weight_dtype``, the model's parameter dtype, when given; autocast may also run fp32 / fp16 /
@@ -101,7 +109,7 @@ def check_image_input(x: torch.Tensor, in_chans: int, weight_dtype: Optional[tor
                          "width must be at least 1 pixel")
     if weight_dtype is not None and x.dtype != weight_dtype:
         # autocast casts fp32 / fp16 / bf16 inputs of convs and matmuls to its dtype (float64 never)
-        autocast = x.dtype != torch.float64 and torch.is_autocast_enabled(x.device.type)
+        autocast = x.dtype != torch.float64 and autocast_enabled(x.device.type)
         if not autocast:
             raise ValueError(
                 f"the input is {x.dtype} but the model's weights are {weight_dtype}: cast the input with "

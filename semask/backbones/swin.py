@@ -76,7 +76,7 @@ class WindowAttention(nn.Module):
         ``to_empty`` (accelerate, transformers ``from_pretrained``) it holds garbage (timm's convention;
         ``timm.models.reinit_non_persistent_buffers(model)`` calls it on every module)."""
         buf = self.relative_position_index
-        buf.copy_(_relative_position_index(self.window_size).to(buf.device))
+        buf.copy_(relative_position_index(self.window_size).to(buf.device))
 
     def relative_position_bias(self) -> torch.Tensor:
         """(heads, N, N) bias gathered from the table."""
@@ -383,7 +383,7 @@ class SeMaskSwinTransformer(SemanticFeaturesMixin, nn.Module):
         return {"relative_position_bias_table"}
 
     def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
-        check_image_input(x, self.in_chans)
+        check_image_input(x, self.in_chans, self.patch_embed.proj.weight.dtype)
         x = self.patch_embed(x)
         hw = (x.shape[2], x.shape[3])
         if self.ape:

@@ -186,7 +186,7 @@ class SeMaskWrapped(SemanticFeaturesMixin, nn.Module):
     def forward(self, x: torch.Tensor, with_priors: bool = True) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
         """x: (B, in_chans, H, W) float -> (features [B, C_i, H_i, W_i], priors [B, K, H_i, W_i]; empty
         with ``with_priors=False``)."""
-        check_image_input(x, self.in_chans)
+        check_image_input(x, self.in_chans, next(self.model.parameters()).dtype)
         ad = self.adapter
         for name in ad.stem:
             x = getattr(self.model, name)(x)

@@ -32,11 +32,14 @@ from ..decoders.fapn import MSDeformAttnPixelFANDecoder, PixelFANDecoder
 from ..decoders.fpn import SemanticDecoder
 from ..decoders.mask2former import MSDeformAttnPixelDecoder, MultiScaleMaskedTransformerDecoder
 from ..decoders.maskformer import BasePixelDecoder, TransformerPredictor
+from ..layers.resize import resize_rows, row_slabs
 from .criterion import HungarianMatcher, SetCriterion, semantic_targets
 
 __all__ = ["SeMaskMaskFormer", "SemSegHead", "create_semask_mask_former", "infer_d2_kwargs", "D2_CONVERSION_RULES", "FAMILIES"]
 
 _W, _G = False, True
+# upper bound on the bytes of one slab of resized masks in semantic_inference (a memory bound)
+_MASK_SLAB_BYTES = 16 << 20
 FAMILIES = ("maskformer", "mask2former", "fapn", "msfapn")
 
 
@@ -117,7 +120,7 @@ class SeMaskMaskFormer(HubMixin, nn.Module):
 
     def forward_all(self, images: torch.Tensor, semantic: bool = True) -> Dict[str, Any]:
         """Every output of the network for normalised images (B, C, H, W) (see the class doc)."""
-        check_image_input(images, self.in_chans)
+        check_image_input(images, self.in_chans, self.backbone.patch_embed.proj.weight.dtype)
         padded = self.pad(images)
         feats, priors = self.backbone(padded)
         # contiguous NCHW, the layout the official pixel decoders ran in (their deep mask heads amplify
@@ -136,8 +139,21 @@ class SeMaskMaskFormer(HubMixin, nn.Module):
         """Masks bilinearly resized to the padded size and cropped to ``image_size``, then
         ``einsum(softmax(cls)[..., :-1], sigmoid(masks))`` -> (B, K, H, W)."""
         h, w = image_size
-        masks = F.interpolate(pred_masks, size=padded_size, mode="bilinear", align_corners=False)[..., :h, :w]
-        return torch.einsum("bqc,bqhw->bchw", pred_logits.softmax(-1)[..., :-1], masks.sigmoid())
+        probs = pred_logits.softmax(-1)[..., :-1]
+        mh, mw = pred_masks.shape[-2:]
+        scale = padded_size[0] // mh
+        if (scale < 2 or tuple(padded_size) != (mh * scale, mw * scale) or torch.compiler.is_compiling()
+                or torch.compiler.is_exporting() or torch.jit.is_tracing()):
+            masks = F.interpolate(pred_masks, size=padded_size, mode="bilinear", align_corners=False)[..., :h, :w]
+            return torch.einsum("bqc,bqhw->bchw", probs, masks.sigmoid())
+        # slabs of output rows: the (B, Q, H, W) resized masks never exist whole (at training and test
+        # sizes they are larger than the output itself)
+        b, q = pred_masks.shape[:2]
+        out = probs.new_empty(b, probs.shape[-1], h, w)
+        for r0, r1 in row_slabs(-(-h // scale), b * q * padded_size[1] * 4 * scale, _MASK_SLAB_BYTES):
+            rows = resize_rows(pred_masks, r0, r1, scale, padded_size[1])[:, :, :h - r0 * scale, :w]
+            out[:, :, r0 * scale:r0 * scale + rows.shape[2]] = torch.einsum("bqc,bqhw->bchw", probs, rows.sigmoid())
+        return out
 
     def forward(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None):
         """images (B, C, H, W) -> scores (B, K, H, W); with labels, the loss dict (see the class doc)."""
