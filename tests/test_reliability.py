@@ -201,7 +201,7 @@ def _kill_and_resume(tmp_path, capsys, n_kills, seed):
     restored RNG make a correct resume bit-identical; a mixed checkpoint would not be."""
     from semask.cli import main
 
-    iters = 8
+    iters = 16  # long enough that a kill lands before the run ends, also on a quiet machine
     data = folder_data(tmp_path / "data")
     ref = tmp_path / "ref"
     main(_train_cmd(data, ref, iters)[3:])  # in-process (one intra-op thread, as the subprocesses)
@@ -222,7 +222,7 @@ def _kill_and_resume(tmp_path, capsys, n_kills, seed):
                 pass
             time.sleep(rng.uniform(0.0, 0.06))
         else:
-            time.sleep(rng.uniform(0.0, 0.5))
+            time.sleep(rng.uniform(0.0, 0.15))
         p.send_signal(signal.SIGKILL)
         p.wait()
         if (out / "train_log.json").exists():

@@ -194,7 +194,7 @@ def test_bf16_autocast_training_gradients_follow_fp32():
 
 @pytest.mark.parametrize("scale, rows", [(4, 9), (2, 5), (3, 1)])
 def test_resize_rows_equal_the_whole_map(scale, rows):
-    from semask.layers.resize import resize_rows, row_slabs
+    from semask.losses import resize_rows, row_slabs
 
     x = torch.randn(2, 3, rows, 7)
     whole = F.interpolate(x, size=(rows * scale, 7 * scale), mode="bilinear", align_corners=False)

@@ -32,7 +32,7 @@ from ..decoders.fapn import MSDeformAttnPixelFANDecoder, PixelFANDecoder
 from ..decoders.fpn import SemanticDecoder
 from ..decoders.mask2former import MSDeformAttnPixelDecoder, MultiScaleMaskedTransformerDecoder
 from ..decoders.maskformer import BasePixelDecoder, TransformerPredictor
-from ..layers.resize import resize_rows, row_slabs
+from ..losses import resize_rows, row_slabs
 from .criterion import HungarianMatcher, SetCriterion, semantic_targets
 
 __all__ = ["SeMaskMaskFormer", "SemSegHead", "create_semask_mask_former", "infer_d2_kwargs", "D2_CONVERSION_RULES", "FAMILIES"]
