@@ -355,3 +355,27 @@ def test_mask_former_save_pretrained_round_trip(arch, tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     model.push_to_hub("someone/m2f")
     assert uploads == [["README.md", "config.json", "model.safetensors"]]
+
+
+def test_save_pretrained_is_atomic_per_file(tmp_path, monkeypatch):
+    """A save interrupted while writing the weights leaves the previous folder as it was."""
+    import semask.core.folder as folder
+
+    model = semask.create_model("semask_swin_tiny_fpn", num_classes=5, embed_dim=16, depths=(2, 2, 2, 2),
+                                num_heads=(1, 2, 2, 4), fpn_channels=16)
+    out = semask.save_pretrained(model, tmp_path / "m")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def dies_halfway(state, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(folder, "save_file", dies_halfway)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    with pytest.raises(KeyboardInterrupt):
+        semask.save_pretrained(model, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no temp file, nothing truncated
+    reloaded = semask.from_pretrained(out)
+    assert not torch.equal(next(reloaded.parameters()), next(model.parameters()))

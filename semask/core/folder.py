@@ -11,8 +11,9 @@ import json
 import logging
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -74,12 +75,30 @@ def save_pretrained(
     if metrics:
         config["metrics"] = {**config.get("metrics", {}), **dict(metrics)}
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
-    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=list) + "\n")
+    # every file is written under a temporary name, flushed to disk and renamed into place (weights
+    # before config.json): an interrupted save never leaves a truncated file under a final name
+    with _replacing(out / WEIGHTS_NAME) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+    with _replacing(out / CONFIG_NAME) as tmp:
+        tmp.write_text(json.dumps(config, indent=2, default=list) + "\n")
     if model_card:
         n = sum(p.numel() for p in model.parameters())
-        (out / CARD_NAME).write_text(render_model_card(config, repo_id=repo_id, num_params=n))
+        with _replacing(out / CARD_NAME) as tmp:
+            tmp.write_text(render_model_card(config, repo_id=repo_id, num_params=n))
     return out
+
+
+@contextmanager
+def _replacing(path: Path) -> Iterator[Path]:
+    """Yields a temporary path beside ``path``; on success it is fsynced and renamed onto ``path``."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_config(path: PathLike) -> Dict[str, Any]:
