@@ -15,7 +15,6 @@ not on the machine. On a GPU machine, one command gives every number:
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 from typing import Callable, Dict, List, Tuple
 
@@ -23,7 +22,7 @@ import torch
 
 import semask
 from semask.profiling import PeakMemory
-from _timing import interleaved_medians, load_note, setup_threads
+from _timing import cpu_model, interleaved_medians, load_note, setup_threads
 
 # family -> (model name, kwargs, [(batch, crop), ...]); crops of the issue: the official 512 crop and a
 # CPU-sized 256 one for FPN, 384 for Swin-L Mask2Former (ADE20K config)
@@ -34,21 +33,10 @@ FAMILIES: Dict[str, Tuple[str, dict, List[Tuple[int, int]]]] = {
 }
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{cpu_name()}, {torch.get_num_threads()} threads"
+    return f"{cpu_model()}, {torch.get_num_threads()} threads"
 
 
 def make_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str) -> Callable[[], None]:

@@ -3,7 +3,6 @@ input gives an error that names the file and the fix (offline: temp Hub caches o
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest

@@ -77,22 +77,6 @@ def create_model(
     return model
 
 
-def from_pretrained(
-    dir_or_repo: PathLike,
-    num_classes: Optional[int] = None,
-    *,
-    revision: Optional[str] = None,
-    cache_dir: Optional[PathLike] = None,
-    **kwargs: Any,
-) -> nn.Module:
-    """Build and load a model from a folder (``config.json`` + ``model.safetensors``) or a Hub repo
-    (``org/repo``, ``org/repo@rev`` or ``hf-hub:org/repo``), rebuilding the saved architecture.
-
-    Args:
-        dir_or_repo: local folder or Hub id.
-        num_classes: a different K re-initialises only the class-dependent tensors.
-        revision: Hub branch / tag / commit (overrides ``@rev``).
-        cache_dir: Hub cache (default ``$HF_HUB_CACHE``).
-        **kwargs: architecture overrides (e.g. ``in_chans=4``, ``window_size=12``: adapted on load).
-    """
-    return load_model_dir(dir_or_repo, num_classes, revision=revision, cache_dir=cache_dir, **kwargs)
+# ``semask.from_pretrained``: the folder / Hub loader of the model-folder format (rebuilds the saved
+# architecture, then loads its weights)
+from_pretrained = load_model_dir

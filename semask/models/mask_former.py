@@ -11,13 +11,13 @@ Module names follow the official checkpoints (``backbone.*``, ``sem_seg_head.pix
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..backbones._base import check_image_input, official_no_weight_decay, submodule_group_matcher
+from ..backbones._base import check_image_input
 from ..backbones.swin import SeMaskSwinTransformer, infer_swin_kwargs, swin_arch_kwargs
 from ..core.mixin import HubMixin
 from ..core.registry import (
@@ -34,6 +34,7 @@ from ..decoders.mask2former import MSDeformAttnPixelDecoder, MultiScaleMaskedTra
 from ..decoders.maskformer import BasePixelDecoder, TransformerPredictor
 from ..losses import resize_rows, row_slabs
 from .criterion import HungarianMatcher, SetCriterion, semantic_targets
+from .segmentor import SegmentorTrainingMixin
 
 __all__ = ["SeMaskMaskFormer", "SemSegHead", "create_semask_mask_former", "infer_d2_kwargs", "D2_CONVERSION_RULES", "FAMILIES"]
 
@@ -71,7 +72,7 @@ class SemSegHead(nn.Module):
         return self.predictor(x, mask_features), mask_features, multi_scale
 
 
-class SeMaskMaskFormer(HubMixin, nn.Module):
+class SeMaskMaskFormer(SegmentorTrainingMixin, HubMixin, nn.Module):
     """SeMask backbone + a MaskFormer-family head, with the official training criterion.
 
     * ``model(images)`` -> semantic scores (B, K, H, W) = ``softmax(cls)[..., :-1]`` x ``sigmoid(masks)``
@@ -193,22 +194,6 @@ class SeMaskMaskFormer(HubMixin, nn.Module):
         crit.num_classes = num_classes
         crit.empty_weight = torch.ones(num_classes + 1, device=crit.empty_weight.device)
         crit.empty_weight[-1] = crit.eos_coef
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Callable[[str], Tuple[float, ...]]:
-        """timm's parameter groups (``create_optimizer_v2(model, layer_decay=...)``): the backbone's
-        block groups, then the decoder as the last group."""
-        return submodule_group_matcher(self, "backbone.", coarse)
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> Set[str]:
-        """Parameter names without weight decay (official rule: position tables and every norm)."""
-        return official_no_weight_decay(self)
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute the backbone's blocks in the backward pass (less memory, same gradients)."""
-        self.backbone.set_grad_checkpointing(enable)
 
 
 def create_semask_mask_former(

@@ -14,10 +14,30 @@ from ..core.mixin import HubMixin
 from ..layers import SemanticAttention
 from ..losses import ohem_weights, segmentation_ce, upsampled_ce
 
-__all__ = ["SeMaskSegmentor"]
+__all__ = ["SeMaskSegmentor", "SegmentorTrainingMixin"]
 
 
-class SeMaskSegmentor(HubMixin, nn.Module):
+class SegmentorTrainingMixin:
+    """timm's optimizer-factory hooks and gradient checkpointing for a model with a ``backbone``."""
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Callable[[str], Tuple[float, ...]]:
+        """timm's parameter groups (``create_optimizer_v2(model, layer_decay=...)``): the backbone's
+        block groups, then the decoder as the last group."""
+        return submodule_group_matcher(self, "backbone.", coarse)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        """Parameter names without weight decay (official rule: position tables and every norm)."""
+        return official_no_weight_decay(self)
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the backbone's blocks in the backward pass (less memory, same gradients)."""
+        self.backbone.set_grad_checkpointing(enable)
+
+
+class SeMaskSegmentor(SegmentorTrainingMixin, HubMixin, nn.Module):
     """Backbone ``(features, priors)`` + decode head + semantic branch, with the official losses.
 
     * ``model(images)`` -> logits (B, K, H, W) at the input size (bilinear, align_corners False):
@@ -173,19 +193,3 @@ class SeMaskSegmentor(HubMixin, nn.Module):
                 continue
             (no_decay if any(k in name for k in no_decay_keywords) else decay).append(p)
         return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Callable[[str], Tuple[float, ...]]:
-        """timm's parameter groups (``create_optimizer_v2(model, layer_decay=...)``): the backbone's
-        block groups, then the decoder as the last group."""
-        return submodule_group_matcher(self, "backbone.", coarse)
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> Set[str]:
-        """Parameter names without weight decay (official rule: position tables and every norm)."""
-        return official_no_weight_decay(self)
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute the backbone's blocks in the backward pass (less memory, same gradients)."""
-        self.backbone.set_grad_checkpointing(enable)
