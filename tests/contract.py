@@ -123,6 +123,9 @@ class _Common:
     # whether a program exported from a batch-2 example runs batch 1: torch's fake conv picks the conv
     # backend from the batch size (depthwise convs: a guard batch > 1), so MiT / ConvNeXt programs don't
     export_batch_one: bool = True
+    # False: only a static-shape export works (the MaskFormer family: padding to 32, the deformable
+    # attention's per-level spatial shapes and the mask upsampling specialise the graph on the size)
+    export_dynamic: bool = True
     # output size of a stride-r stage: "ceil" (padded / padded-conv stems), "floor" (unpadded conv stems)
     rounding: str = "ceil"
     # parameter names (substrings) whose gradient may be all zero in the tiny config
@@ -189,6 +192,11 @@ class _Common:
         if self.export_size is None:
             pytest.skip(f"{type(self).__name__}: no torch.export check for this family")
         model = self.model().eval()
+        if not self.export_dynamic:  # one static shape: the example's
+            run = export_program(model, self.inputs(2, self.export_size, seed=2), dynamic=False).module()
+            x = self.inputs(2, self.export_size, seed=3)
+            _assert_outputs_equal(run(x), self.run(model, x), **TOL)
+            return
         run = export_program(model, size=self.export_size, batch=2).module()
         x = self.inputs(3, self.export_check_size, seed=2)  # another batch and size than the example
         _assert_outputs_equal(run(x), self.run(model, x), **TOL)
@@ -205,6 +213,8 @@ class BackboneContract(_Common):
 
     timm_name: Optional[str] = None
     timm_kwargs: Dict[str, object] = {}
+    features_only_kwargs: Dict[str, object] = {}  # extra kwargs of the features_only build
+    smp_encoder: bool = True  # smp's tu- encoders (4+ stages)
 
     def test_forward_shapes_follow_feature_info(self):
         model = self.model().eval()
@@ -268,7 +278,7 @@ class BackboneContract(_Common):
 
     def test_timm_features_only(self):
         ours = self._timm_model().eval()
-        fm = self._timm_model(features_only=True).eval()
+        fm = self._timm_model(features_only=True, **self.features_only_kwargs).eval()
         assert fm.feature_info.channels() == ours.feature_channels
         assert fm.feature_info.reduction() == [int(i["reduction"]) for i in ours.feature_info]
         inner = getattr(fm, "model", fm)
@@ -281,6 +291,8 @@ class BackboneContract(_Common):
     def test_smp_tu_encoder(self):
         smp = pytest.importorskip("segmentation_models_pytorch")
         self._timm_model()  # skips when not registered in timm
+        if not self.smp_encoder:
+            pytest.skip(f"{type(self).__name__}: smp's tu- encoders need 4 stages")
         torch.manual_seed(0)
         net = smp.Unet(f"tu-{self.timm_name}", encoder_weights=None, classes=2, decoder_channels=(8,) * 5,
                        num_classes=self.num_classes, **self.timm_kwargs).eval()
