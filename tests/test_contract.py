@@ -3,7 +3,6 @@ Swin FPN, MiT SegFormer and wrapped-timm FPN segmentors; MaskFormer and Mask2For
 from __future__ import annotations
 
 import pytest
-import torch
 
 import semask
 from semask.backbones.mit import SeMaskMiT
@@ -15,6 +14,7 @@ from contract import BackboneContract, MaskFormerContract, SegmentorContract
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 TINY_MIT = dict(embed_dims=(8, 16, 24, 32), num_heads=(1, 2, 3, 4), depths=(1, 2, 1, 1), sr_ratios=(8, 4, 2, 1))
+TINY_PVT = dict(backbone="pvt_v2_b0", embed_dims=(8, 16, 24, 32), depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
 TINY_CONVNEXT = dict(backbone="convnext_tiny", dims=(8, 16, 24, 32), depths=(1, 1, 1, 1))
 # the micro MaskFormer-family size of tests/test_d2_models.py
 TINY_D2 = dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), window_size=4, conv_dim=32, mask_dim=16,
@@ -77,6 +77,20 @@ class TestWrappedTimmBackbone(BackboneContract):
         name = TINY_CONVNEXT["backbone"]
         kw = {k: v for k, v in TINY_CONVNEXT.items() if k != "backbone"}
         return semask.wrap(timm.create_model(name, **kw), num_classes=num_classes, sem_window_size=4)
+
+
+class TestWrappedPVTBackbone(TestWrappedTimmBackbone):
+    """A transformer family behind the same adapter (NLC stages, overlapping padded patch embeddings)."""
+    timm_kwargs = TINY_PVT
+    rounding = "ceil"
+    size = (37, 45)
+    export_size = None
+
+    def build(self, num_classes):
+        import timm
+
+        kw = {k: v for k, v in TINY_PVT.items() if k != "backbone"}
+        return semask.wrap(timm.create_model(TINY_PVT["backbone"], **kw), num_classes=num_classes, sem_window_size=4)
 
 
 # ---- segmentors ------------------------------------------------------------------------------------
