@@ -74,7 +74,8 @@ def _run(model, x):
         return model(x)
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+# the other families run the same check in their contract (tests/contract.py, tests/test_contract.py)
+@pytest.mark.parametrize("family", ["swin_fpn_global", "fapn"])
 def test_optimized_equals_reference_every_family(family):
     model = FAMILIES[family]()
     xs = [torch.randn(2, 3, 67, 93), torch.randn(1, 3, 77, 65)]

@@ -198,38 +198,6 @@ def test_semantic_layer_feeds_next_stage():
     torch.testing.assert_close(seen["in1"], expected, atol=0, rtol=0)
 
 
-def test_reset_classes_and_checkpointing():
-    model = _tiny_mit()
-    model.reset_classes(7)
-    _, priors = model(torch.randn(1, 3, 32, 32))
-    assert all(p.shape[1] == 7 for p in priors)
-    model = _tiny_mit(drop_path_rate=0.0).train()
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-    x = torch.randn(1, 3, 32, 32)
-    grads = []
-    for ckpt in (False, True):
-        model.zero_grad()
-        model.set_grad_checkpointing(ckpt)
-        sum(f.sum() for f in model(x)[0]).backward()
-        grads.append(model.stages[0].blocks[0].attn.q.weight.grad.clone())
-    torch.testing.assert_close(grads[0], grads[1])
-
-
-def test_timm_features_only_and_smp():
-    import timm
-
-    fm = timm.create_model("semask_mit_b0", features_only=True, num_classes=5, **TINY)
-    outs = fm(torch.randn(1, 3, 64, 64))
-    assert [o.shape[1] for o in outs] == fm.feature_info.channels() == list(TINY["embed_dims"])
-    assert fm.feature_info.reduction() == [4, 8, 16, 32]
-    assert [o.shape[-1] for o in outs] == [16, 8, 4, 2]
-    smp = pytest.importorskip("segmentation_models_pytorch")
-    net = smp.Unet("tu-semask_mit_b0", encoder_weights=None, classes=3, decoder_channels=(16, 16, 16, 16, 16))
-    assert net(torch.randn(1, 3, 64, 64)).shape == (1, 3, 64, 64)
-
-
 def test_training_steps_lower_the_loss():
     torch.manual_seed(0)
     model = semask.create_model("semask_mit_b0_segformer", num_classes=3, decoder_channels=16, **TINY).train()

@@ -195,7 +195,7 @@ class SeMaskMiT(SemanticFeaturesMixin, nn.Module):
         attn_drop_rate: attention dropout (SegFormer: 0).
         drop_path_rate: stochastic-depth ramp end (SegFormer: 0.1).
         sem_drop: dropout inside the semantic attention.
-        out_indices: stages to output.
+        out_indices: stages to output; None: every stage.
         output_stride: only 32 is supported (MiT has no dilated variant).
         num_semantic_classes: K under an unambiguous name (timm's ``num_classes=0`` then means headless).
     """
@@ -219,7 +219,7 @@ class SeMaskMiT(SemanticFeaturesMixin, nn.Module):
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.1,
         sem_drop: float = 0.1,
-        out_indices: Sequence[int] = (0, 1, 2, 3),
+        out_indices: Optional[Sequence[int]] = None,
         output_stride: int = 32,
         num_semantic_classes: Optional[int] = None,
     ) -> None:
@@ -247,7 +247,9 @@ class SeMaskMiT(SemanticFeaturesMixin, nn.Module):
         self.sem_global = sem_global
         self.sem_window_size = sem_window_size
         self.semantic_layers = semantic_layers
-        self.out_indices = normalize_out_indices(out_indices, n)
+        # None: every stage (timm's features_only builds the model without out_indices; a 3-stage
+        # config must not get the 4-stage default)
+        self.out_indices = normalize_out_indices(tuple(range(n)) if out_indices is None else out_indices, n)
         total = sum(depths)
         dpr = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]  # python floats: meta-safe
         self.stages = nn.ModuleList()

@@ -253,7 +253,7 @@ class SeMaskSwinTransformer(SemanticFeaturesMixin, nn.Module):
         drop_path_rate: stochastic-depth ramp end, over the Swin blocks only.
         sem_drop: dropout inside the semantic attention (0.1 officially).
         ape: absolute position embedding (bicubic-resized to the input); pretrain_img_size sets its grid.
-        out_indices: stages to output (validated; negative indices count from the end).
+        out_indices: stages to output (validated; negative indices count from the end); None: every stage.
         frozen_stages: official semantics: >= 0 freezes the patch embedding, >= 2 also stages 0..n-2.
         output_stride: only 32 is supported (Swin has no dilation).
     """
@@ -281,7 +281,7 @@ class SeMaskSwinTransformer(SemanticFeaturesMixin, nn.Module):
         patch_norm: bool = True,
         ape: bool = False,
         pretrain_img_size: int = 224,
-        out_indices: Sequence[int] = (0, 1, 2, 3),
+        out_indices: Optional[Sequence[int]] = None,
         frozen_stages: int = -1,
         output_stride: int = 32,
         num_semantic_classes: Optional[int] = None,
@@ -308,7 +308,9 @@ class SeMaskSwinTransformer(SemanticFeaturesMixin, nn.Module):
         self.sem_window_size = sem_window_size or window_size
         self.sem_global = sem_global
         self.semantic_layers = semantic_layers
-        self.out_indices = normalize_out_indices(out_indices, n)
+        # None: every stage (timm's features_only builds the model without out_indices; a 3-stage
+        # config must not get the 4-stage default)
+        self.out_indices = normalize_out_indices(tuple(range(n)) if out_indices is None else out_indices, n)
         self.frozen_stages = frozen_stages
         dims = [embed_dim * 2 ** i for i in range(n)]  # channels per stage (num_features: the last output's)
         self.patch_size = patch_size

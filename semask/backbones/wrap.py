@@ -170,6 +170,13 @@ class SeMaskWrapped(SemanticFeaturesMixin, nn.Module):
     def stages(self) -> List[nn.Module]:
         return [self.model.get_submodule(s) for s in self.stage_names]
 
+    @property
+    def min_dynamic_size(self) -> int:
+        """Smallest height/width of a size-generic export: every output map at least 2 px wide. timm
+        stems differ in rounding (ConvNeXt's unpadded 4x4 stride-4 conv floors, padded convs ceil), so
+        twice the largest stride, not the stride + 1 of the padded SeMask backbones."""
+        return 2 * max(int(f["reduction"]) for f in self.feature_info)
+
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Block-level checkpointing inside timm stages that support it; whole-stage otherwise."""
