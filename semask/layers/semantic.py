@@ -6,6 +6,7 @@ from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
 from .window import tokens_to_windows, window_index, windows_to_tokens
@@ -26,11 +27,16 @@ def semantic_attention(
 ) -> torch.Tensor:
     """Unscaled ``softmax(q k^T) v`` for (B, N, K) q/k and (B, M, C) v -> (B, N, C).
 
-    Softmax is per query row, so the queries go through in chunks whose (chunk, M) score matrix
-    stays under ``chunk_bytes`` per image (default :data:`ATTN_CHUNK_BYTES`; exact, memory linear in
+    On the CPU, softmax is per query row, so the queries go through in chunks whose (chunk, M) score
+    matrix stays under ``chunk_bytes`` per image (default :data:`ATTN_CHUNK_BYTES`; exact, memory linear in
     N instead of N x M). 0, or tracing (torch.compile / export / jit, where a size-dependent loop would
-    bake in one size), computes the whole matrix at once.
+    bake in one size), computes the whole matrix at once. Other devices use
+    ``F.scaled_dot_product_attention`` (``scale=1``: the same function, fused).
     """
+    if q.device.type != "cpu":
+        # accelerators: SDPA's fused kernels (memory-efficient attention keeps memory linear in N in
+        # training too, where chunks would still save every chunk's scores for the backward pass)
+        return F.scaled_dot_product_attention(q, k, v, scale=1.0)
     n, m = q.shape[1], k.shape[1]
     budget = ATTN_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
     rows = n if not budget or _traced() else max(1, budget // max(1, m * q.element_size()))
