@@ -215,3 +215,20 @@ def test_mask_former_semantic_inference_in_slabs(size, padded, monkeypatch):
     ref = torch.einsum("bqc,bqhw->bchw", logits.softmax(-1)[..., :-1], up.sigmoid())
     out = mask_former.SeMaskMaskFormer.semantic_inference(logits, masks, size, padded)
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_channels_last_training_gives_the_same_gradients():
+    torch.manual_seed(0)
+    kwargs = dict(num_classes=7, embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), fpn_channels=16)
+    ref = semask.create_model("semask_swin_tiny_fpn", **kwargs).eval()
+    cl = semask.create_model("semask_swin_tiny_fpn", **kwargs).eval()
+    cl.load_state_dict(ref.state_dict())
+    cl = cl.to(memory_format=torch.channels_last)
+    x, labels = torch.randn(2, 3, 64, 96), torch.randint(0, 7, (2, 64, 96))
+    a = ref(x, labels)
+    a["loss"].backward()
+    b = cl(x.contiguous(memory_format=torch.channels_last), labels)
+    b["loss"].backward()
+    torch.testing.assert_close(b["loss"], a["loss"], rtol=1e-5, atol=1e-6)
+    for (n, p), q in zip(ref.named_parameters(), cl.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=n)
