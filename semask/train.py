@@ -10,7 +10,6 @@ on a global batch of ``batch_size x accum_steps x world_size`` images.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -27,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
 
+from .core.folder import file_sha256
 from .data.datasets import collate_samples
 from .hub.io import save_pretrained
 from .inference import model_cfg, predict, resolve_autocast
@@ -177,14 +177,6 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _siblings(path: Path) -> Tuple[Path, Path]:
     """(folder being written, previous checkpoint kept until the new one is in place)."""
     return path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
@@ -218,7 +210,7 @@ def save_checkpoint(path: os.PathLike, model: nn.Module, optimizer: torch.optim.
     meta.update(format=CHECKPOINT_FORMAT, iteration=int(iteration),
                 scaler=scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
                 scheduler=_scheduler_state(scheduler),
-                files={n: dict(size=(tmp / n).stat().st_size, sha256=_sha256(tmp / n)) for n in files},
+                files={n: dict(size=(tmp / n).stat().st_size, sha256=file_sha256(tmp / n)) for n in files},
                 **(extra or {}))
     (tmp / _STATE_NAME).write_text(json.dumps(meta, indent=1, default=float))
     for n in files + [_STATE_NAME]:
@@ -269,7 +261,7 @@ def verify_checkpoint(path: os.PathLike) -> Dict[str, Any]:
             f = p / name
             if not f.is_file():
                 raise CheckpointError(f"checkpoint {p} is incomplete: {name} is missing")
-            if f.stat().st_size != rec.get("size") or _sha256(f) != rec.get("sha256"):
+            if f.stat().st_size != rec.get("size") or file_sha256(f) != rec.get("sha256"):
                 raise CheckpointError(f"checkpoint {p} is damaged: {name} is not the file saved with {_STATE_NAME} "
                                       f"(size {f.stat().st_size}, expected {rec.get('size')}); resume from an "
                                       "intact checkpoint or start over without --resume")

@@ -37,16 +37,6 @@ def _tiny(seed: int = 0, name: str = TAG, **kw) -> torch.nn.Module:
 
 
 @pytest.fixture
-def hub(tmp_path, monkeypatch):
-    """An empty fake Hub cache, offline."""
-    cache = tmp_path / "hub"
-    cache.mkdir()
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    return cache
-
-
-@pytest.fixture
 def saved(tmp_path):
     """(model, folder) of a tiny randomised FPN model saved with save_pretrained."""
     model = _tiny(0)

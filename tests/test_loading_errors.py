@@ -20,16 +20,6 @@ TIMM = "convnext_atto"
 
 
 @pytest.fixture
-def hub(tmp_path, monkeypatch):
-    """An empty fake Hub cache, offline."""
-    cache = tmp_path / "hub"
-    cache.mkdir()
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    return cache
-
-
-@pytest.fixture
 def saved(tmp_path):
     torch.manual_seed(0)
     model = semask.create_model("semask_swin_tiny_fpn", **TINY)

@@ -7,9 +7,11 @@ every load reads the whole checkpoint, validates it against the model and only t
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -86,6 +88,29 @@ def save_pretrained(
         with _replacing(out / CARD_NAME) as tmp:
             tmp.write_text(render_model_card(config, repo_id=repo_id, num_params=n))
     return out
+
+
+def file_sha256(path: PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def replace_dir(src: PathLike, dst: PathLike) -> None:
+    """Rename the finished folder ``src`` onto ``dst`` (same file system). An existing ``dst`` is
+    first moved aside (a hidden temporary folder beside it) and deleted after the rename, so ``dst``
+    is always either the old or the new folder, never a mix."""
+    src, dst = Path(src), Path(dst)
+    if not dst.exists():
+        os.replace(src, dst)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".old", dir=dst.parent))
+    os.replace(dst, old / "old")
+    os.replace(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 @contextmanager

@@ -22,7 +22,6 @@ tensor shapes. The generic engine then
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -39,7 +38,7 @@ from ..backbones.swin import infer_swin_kwargs
 from ..core.checkpoint import read_torch_file, unwrap_state_dict
 from ..core.folder import push_to_hub as hub_push
 from ..core.build import build_model
-from ..core.folder import load_model_dir, read_model_dir, save_pretrained
+from ..core.folder import file_sha256, load_model_dir, read_model_dir, replace_dir, save_pretrained
 from ..core.hf import parse_hub_name
 from ..core.registry import (
     ConversionRules,
@@ -109,14 +108,6 @@ class ConversionError(ValueError):
 
 # --------------------------------------------------------------------------------------------------
 # reading
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _plain(value: Any) -> Any:
@@ -337,7 +328,7 @@ def convert_official_checkpoint(
     say(f"mapped {len(state)} tensors onto {model_name} (K={k}); dropped {len(report.dropped)} recomputable/unused")
 
     extra: Dict[str, Any] = {"converted_from": dict(
-        file=src.name, sha256=_sha256(src), family=rules.family, semask_version=__version__,
+        file=src.name, sha256=file_sha256(src), family=rules.family, semask_version=__version__,
         official_meta={key: _plain(meta[key]) for key in ("mmseg_version", "iter", "epoch") if key in meta},
     )}
     if not tag:  # describe these weights, not the architecture's default tag
@@ -370,13 +361,7 @@ def convert_official_checkpoint(
                    or key not in rebuilt or rebuilt[key].shape != mine[key].shape]
             if bad or len(written) != len(mine) or len(rebuilt) != len(mine):
                 raise ConversionError(f"the written folder does not reload identically: {bad[:5]}")
-        if dst.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".old", dir=dst.parent))
-            os.replace(dst, old / "x")
-            os.replace(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dst)
+        replace_dir(tmp, dst)
         done = True
     finally:
         if tmp.exists():

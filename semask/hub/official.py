@@ -40,7 +40,8 @@ from safetensors.torch import load_file
 
 from ..version import __version__
 from ..core.adapt import RECOMPUTED_BUFFERS
-from .convert import _sha256, convert_official_checkpoint, get_conversion_rules, load_official_checkpoint
+from .convert import convert_official_checkpoint, get_conversion_rules, load_official_checkpoint
+from ..core.folder import file_sha256, replace_dir
 from ..core.hf import is_offline
 
 __all__ = [
@@ -309,17 +310,6 @@ def _sweep(models: Path, name: str) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def _install(folder: Path, final: Path) -> None:
-    """Rename ``folder`` to ``final``; an outdated ``final`` (another file id / sha256) is replaced."""
-    if final.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
-        os.replace(final, old / "old")
-        os.replace(folder, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(folder, final)
-
-
 def convert_release(cfg: Any, src: Path, dst: Path) -> Dict[str, Any]:
     """Check (a checkpoint, not a web page; the recorded sha256) and convert the official file ``src``
     of ``cfg`` into the new folder ``dst``; returns the facts for its source note. Raises ValueError
@@ -327,7 +317,7 @@ def convert_release(cfg: Any, src: Path, dst: Path) -> Dict[str, Any]:
     what = _sniff(src)
     if what is not None:
         raise ValueError(f"got {what}")
-    sha = _sha256(src)
+    sha = file_sha256(src)
     expected = getattr(cfg, "source_sha256", None)
     if expected and sha != expected:
         raise ValueError(f"sha256 mismatch: the file has {sha}, the tag records {expected} (a different or damaged "
@@ -387,7 +377,7 @@ def fetch_official(cfg: Any, hub_error: Optional[BaseException] = None) -> Path:
             note.update(fetched_from=where, download_seconds=round(seconds, 3), semask_version=__version__,
                         fetched_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
             (staging / "model" / SOURCE_NAME).write_text(json.dumps(note, indent=2) + "\n")
-            _install(staging / "model", final)
+            replace_dir(staging / "model", final)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     _logger.info("%s: official checkpoint %s (sha256 %s) fetched in %.1f s, converted in %.1f s into %s",
