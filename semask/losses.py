@@ -2,6 +2,7 @@
 labels, in row slabs), and mmseg's OHEM pixel sampler."""
 from __future__ import annotations
 
+import itertools
 from typing import Optional, Tuple
 
 import torch
@@ -104,35 +105,51 @@ def row_slabs(rows: int, row_bytes: int, budget: int) -> Tuple[Tuple[int, int], 
 class _UpsampledCE(torch.autograd.Function):
     # The loss and, when needed, its gradient with respect to the low-resolution logits are computed
     # together, slab by slab of output rows: the full-resolution logits, their log-softmax and their
-    # gradient never exist as whole tensors (they dominate the memory of a training step)
+    # gradient never exist as whole tensors (they dominate the memory of a training step).
+    # The slabs are channels-last (class scores contiguous per pixel): that is the layout in which
+    # PyTorch's CPU bilinear resize and its adjoint are vectorised over channels and in which the
+    # per-pixel softmax reads contiguous memory; the numbers are those of the NCHW computation.
 
     @staticmethod
     def forward(ctx, logits, labels, ignore_index, reduction, scale):  # type: ignore[override]
         b, k, h, w = logits.shape
         big_w = labels.shape[-1]
-        x = logits.detach().float()
+        x = logits.detach().float().contiguous(memory_format=torch.channels_last)
         norm = labels.numel() if reduction == "mmseg" else int((labels != ignore_index).sum().clamp_min(1))
         grad = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
         total = x.new_zeros((), dtype=torch.float64)
-        for r0, r1 in row_slabs(h, b * k * big_w * 4 * scale, _SLAB_BYTES):
-            lab = labels[:, r0 * scale:r1 * scale]
+        slabs = row_slabs(h, k * big_w * 4 * scale, _SLAB_BYTES)
+        # one resized slab (with its context rows) and one log-softmax buffer, reused by every slab: a
+        # fresh multi-MB tensor per slab costs more in first-touch page faults than the resize itself
+        most = max(r1 - r0 for r0, r1 in slabs)
+        y_buf = x.new_empty((1, (most + 2) * scale, big_w, k)).permute(0, 3, 1, 2)  # (1, K, rows, W), channels-last
+        logp_buf = x.new_empty((1, most * scale, big_w, k))
+        for i, (r0, r1) in itertools.product(range(b), slabs):
+            lab = labels[i:i + 1, r0 * scale:r1 * scale]
             valid = lab != ignore_index
-            tgt = torch.where(valid, lab, 0).unsqueeze(1)
-            lo, hi = max(r0 - 1, 0), min(r1 + 1, h)  # the slab's input rows (with their context)
-            with torch.enable_grad():
-                xs = x[:, :, lo:hi].requires_grad_(grad is not None)
-                y = resize_rows(xs, r0 - lo, r1 - lo, scale, big_w)
-            logp = y.detach().log_softmax(1)
-            total -= (logp.gather(1, tgt).squeeze(1) * valid).sum(dtype=torch.float64)
+            tgt = torch.where(valid, lab, 0).unsqueeze(-1)
+            # the slab's input rows with one row of context on each side (see resize_rows); its output
+            # rows off .. off + n are those of the whole map's resize
+            lo, hi = max(r0 - 1, 0), min(r1 + 1, h)
+            off, n = (r0 - lo) * scale, (r1 - r0) * scale
+            xs = x[i:i + 1, :, lo:hi]
+            size = ((hi - lo) * scale, big_w)
+            y = torch.ops.aten.upsample_bilinear2d.out(xs, size, False, None, None, out=y_buf[:, :, :size[0]])
+            rows = y.permute(0, 2, 3, 1)[:, off:off + n]  # (1, n, W, K)
+            logp = torch.log_softmax(rows, -1, out=logp_buf[:, :n])
+            total -= (logp.gather(-1, tgt).squeeze(-1) * valid).sum(dtype=torch.float64)
             if grad is not None:
-                # d CE / d logit = softmax - onehot(target), zero at ignored pixels; then through the resize
-                g = logp.exp_()
-                g.scatter_add_(1, tgt, torch.full(tgt.shape, -1.0, dtype=g.dtype, device=g.device))
-                g.mul_(valid.unsqueeze(1))
-                (gx,) = torch.autograd.grad(y, xs, g)
-                grad[:, :, lo:hi] += gx
+                # d CE / d logit = softmax - onehot(target), zero at ignored pixels and on the context
+                # rows, written over the resized slab; then the resize's adjoint takes it to the input rows
+                torch.exp(logp, out=rows)
+                rows.scatter_add_(-1, tgt, torch.full(tgt.shape, -1.0, dtype=y.dtype, device=y.device))
+                rows.mul_(valid.unsqueeze(-1))
+                y[:, :, :off].zero_()
+                y[:, :, off + n:].zero_()
+                grad[i:i + 1, :, lo:hi] += torch.ops.aten.upsample_bilinear2d_backward(
+                    y, size, xs.shape, False, None, None)
         if grad is not None:
-            ctx.save_for_backward(grad.div_(norm).to(logits.dtype))
+            ctx.save_for_backward(torch.empty_like(logits).copy_(grad.div_(norm)))
         return (total / norm).to(torch.float32)
 
     @staticmethod

@@ -57,7 +57,6 @@ class TestMiTBackbone(BackboneContract):
     timm_name = "semask_mit_b0"
     timm_kwargs = TINY_MIT
     export_size = (64, 80)
-    export_batch_one = False  # depthwise conv of the Mix-FFN (see BackboneContract)
 
     def build(self, num_classes):
         return SeMaskMiT(num_classes=num_classes, **TINY_MIT)

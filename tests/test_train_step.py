@@ -105,7 +105,7 @@ def test_training_gradients_equal_the_unfused_loss_on_official_weights(name, mon
     assert fused.keys() == plain.keys() and len(fused) > 20
     for n in plain:
         torch.testing.assert_close(fused[n], plain[n], rtol=1e-5, atol=1e-6, msg=n)
-    assert not fused_losses["logits"].requires_grad and fused_losses["logits"].shape[-2:] == x.shape[-2:]
+    assert "logits" not in fused_losses
 
 
 def _train_step_peak(model, x, labels) -> int:
@@ -127,9 +127,10 @@ def test_training_step_memory_bound(monkeypatch):
     monkeypatch.setattr(segmentor_module, "upsampled_ce", _plain_upsampled_ce)
     plain = _train_step_peak(model, x, labels)
     # the full-size (B, K, H, W) resized logits and their log-softmax of both losses are no longer kept
-    # (4 x 19.7 MB; the detached logits the loss dict returns stay: one)
-    assert plain - fused > 2 * 2 * 150 * 128 * 128 * 4
-    assert fused < 80 * 2**20, f"training step peak {fused / 2**20:.1f} MiB exceeds the recorded bound"
+    # (4 x 19.7 MB, of which at least 3 are alive at the plain step's peak)
+    assert plain - fused > 3 * 2 * 150 * 128 * 128 * 4
+    # recorded: 46.0 MiB (the bound leaves 20% for other torch versions' kernels)
+    assert fused < 55 * 2**20, f"training step peak {fused / 2**20:.1f} MiB exceeds the recorded bound"
 
 
 def test_peak_memory_counts_live_tensors():
@@ -232,3 +233,18 @@ def test_channels_last_training_gives_the_same_gradients():
     torch.testing.assert_close(b["loss"], a["loss"], rtol=1e-5, atol=1e-6)
     for (n, p), q in zip(ref.named_parameters(), cl.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("semask_swin_tiny", dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4))),
+    ("semask_mit_b0", dict(embed_dims=(8, 16, 24, 32), num_heads=(1, 2, 3, 4), depths=(1, 1, 1, 1))),
+])
+def test_backbone_maps_are_channels_last_views_and_logits_contiguous(name, kwargs):
+    # the heads and the semantic decoder's resizes run channels-last on these maps (PyTorch's NCHW
+    # bilinear resize and its adjoint are several times slower on CPUs); the logits users get are NCHW
+    backbone = semask.create_model(name, num_classes=5, **kwargs)
+    feats, priors = backbone(torch.randn(2, 3, 64, 96))
+    for t in feats + priors:
+        assert t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+    seg = semask.create_model("semask_fpn", backbone=name, num_classes=5, fpn_channels=8, **kwargs).eval()
+    assert seg(torch.randn(2, 3, 64, 96)).is_contiguous()

@@ -318,9 +318,9 @@ class OptimizedFPNHead(FPNHead):
 class OptimizedSeMaskSegmentor(SeMaskSegmentor):
     """Segmentor whose final resize to the image runs the separable kernel (where measured faster)."""
 
-    def forward(self, images, labels=None):
+    def forward(self, images, labels=None, return_logits=False):
         if labels is not None or not eager_cpu_inference(images) or self.align_corners:
-            return SeMaskSegmentor.forward(self, images, labels)
+            return SeMaskSegmentor.forward(self, images, labels, return_logits)
         return _resize(self.decode_head(self._features(images)), images.shape[-2:], ("logits",), self)
 
 

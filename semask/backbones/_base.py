@@ -7,17 +7,30 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Un
 import torch
 import torch.nn as nn
 from timm.models import group_parameters
+from einops import rearrange
 from timm.models._features import feature_take_indices
 
 from ..layers import SemanticLayer
 
 __all__ = [
     "SemanticFeaturesMixin", "check_image_input", "normalize_out_indices", "per_stage_flags", "per_stage_ints",
-    "semantic_class_count", "official_no_weight_decay", "submodule_group_matcher", "NO_DECAY_KEYWORDS",
+    "semantic_class_count", "official_no_weight_decay", "submodule_group_matcher", "tokens_to_map", "NO_DECAY_KEYWORDS",
 ]
 
 # the official (mmseg) optimizer rule: no weight decay for these (substring match on parameter names)
 NO_DECAY_KEYWORDS: Tuple[str, ...] = ("absolute_pos_embed", "relative_position_bias_table", "norm")
+
+
+def tokens_to_map(tokens: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
+    """(B, H*W, C) tokens -> (B, C, H, W) map, as a view with channels-last strides: no transposing
+    copy, and the convolutions, norms and resizes that follow keep that layout (the one PyTorch's CPU
+    kernels vectorise over channels; NCHW bilinear resizes are several times slower).
+
+    Under ``torch.export`` it is a contiguous copy instead: export reads a ``batch > 1`` guard from
+    a convolution input with channels-last strides, which would make the program reject batch 1.
+    """
+    x = rearrange(tokens, "b (h w) c -> b c h w", h=hw[0], w=hw[1])
+    return x.contiguous() if torch.compiler.is_exporting() else x
 
 
 def semantic_class_count(num_classes: Optional[int], num_semantic_classes: Optional[int] = None,

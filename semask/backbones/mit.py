@@ -28,6 +28,7 @@ from ..layers import SemanticLayer
 from .swin import SeMaskSwinTransformer
 from ._base import (
     SemanticFeaturesMixin, check_image_input, normalize_out_indices, per_stage_flags, per_stage_ints, semantic_class_count,
+    tokens_to_map,
 )
 
 __all__ = [
@@ -39,11 +40,6 @@ __all__ = [
     "mit_checkpoint_filter_fn",
     "segformer_checkpoint_filter_fn",
 ]
-
-
-def _tokens_to_map(x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
-    """(B, H*W, C) -> (B, C, H, W)."""
-    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], hw[0], hw[1])
 
 
 class OverlapPatchEmbed(nn.Module):
@@ -92,7 +88,7 @@ class EfficientAttention(nn.Module):
         b, n, c = x.shape
         h = self.num_heads
         q = self.q(x).view(b, n, h, c // h).transpose(1, 2)
-        kv_in = self.sr_norm(self._reduce(_tokens_to_map(x, hw)).flatten(2).transpose(1, 2)) if self.sr_ratio > 1 else x
+        kv_in = self.sr_norm(self._reduce(tokens_to_map(x, hw)).flatten(2).transpose(1, 2)) if self.sr_ratio > 1 else x
         k, v = self.kv(kv_in).view(b, -1, 2, h, c // h).permute(2, 0, 3, 1, 4).unbind(0)
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c)))
@@ -111,7 +107,7 @@ class MixFFN(nn.Module):
 
     def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
         """x: (B, N, C) -> (B, N, C)."""
-        x = self.dwconv(_tokens_to_map(self.fc1(x), hw)).flatten(2).transpose(1, 2)
+        x = self.dwconv(tokens_to_map(self.fc1(x), hw)).flatten(2).transpose(1, 2)
         return self.drop(self.fc2(self.drop(self.act(x))))
 
 
@@ -165,8 +161,8 @@ class MiTStage(nn.Module):
         prior = None
         if self.semantic_layer is not None:
             prior, x = self.semantic_layer(x, hw, with_prior)
-            prior = None if prior is None else _tokens_to_map(prior, hw)
-        return _tokens_to_map(self.norm(x), hw), prior
+            prior = None if prior is None else tokens_to_map(prior, hw)
+        return tokens_to_map(self.norm(x), hw), prior
 
 
 class SeMaskMiT(SemanticFeaturesMixin, nn.Module):

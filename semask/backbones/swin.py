@@ -33,6 +33,7 @@ from ..layers import (
 )
 from ._base import (
     SemanticFeaturesMixin, check_image_input, normalize_out_indices, per_stage_flags, per_stage_ints, semantic_class_count,
+    tokens_to_map,
 )
 
 __all__ = ["SeMaskSwinTransformer", "SwinBlock", "SwinStage", "PatchMerging", "PatchEmbed", "WindowAttention"]
@@ -43,11 +44,6 @@ def relative_position_index(window: int) -> torch.Tensor:
     coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
     rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)
     return rel[..., 0] * (2 * window - 1) + rel[..., 1]
-
-
-def tokens_to_map(tokens: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
-    """(B, H*W, C) tokens -> contiguous (B, C, H, W) map."""
-    return rearrange(tokens, "b (h w) c -> b c h w", h=hw[0], w=hw[1]).contiguous()
 
 
 class WindowAttention(nn.Module):
@@ -234,7 +230,8 @@ class SeMaskSwinTransformer(SemanticFeaturesMixin, nn.Module):
     """SeMask Swin Transformer: Swin stages, each followed by a semantic layer.
 
     ``forward(x)`` takes images ``(B, in_chans, H, W)`` (any size, down to 1x1) and returns
-    ``(features, priors)``: lists with one contiguous NCHW tensor per index in ``out_indices``; features of stage i have ``embed_dim * 2**i`` channels at
+    ``(features, priors)``: lists with one NCHW tensor per index in ``out_indices`` (views of the token maps, channels-last
+    strides); features of stage i have ``embed_dim * 2**i`` channels at
     stride ``4 * 2**i`` (sizes rounded up), priors have ``num_classes`` channels (raw logits, no
     softmax). With ``semantic_layers=False`` the semantic layers are absent (plain Swin with
     per-output norms) and ``priors`` is empty.

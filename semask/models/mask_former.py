@@ -79,7 +79,8 @@ class SeMaskMaskFormer(SegmentorTrainingMixin, HubMixin, nn.Module):
       summed over queries (values in [0, Q], not logits; argmax gives the segmentation).
     * ``model(images, labels)`` / ``model.loss(images, labels)`` -> dict with ``loss`` (the total),
       the weighted terms (``loss_ce``, ``loss_mask``, ``loss_dice``, ``loss_cate`` and ``*_{i}`` for
-      the auxiliary predictions) and ``logits`` (the scores above). Labels: (B, H, W) ints.
+      the auxiliary predictions); ``return_logits=True`` adds ``logits`` (the scores above, detached).
+      Labels: (B, H, W) ints.
     * ``model.forward_all(images)`` -> every intermediate (features, priors, sem_pred, mask_features,
       multi_scale, pred_logits, pred_masks, aux_outputs).
     * ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` (:class:`semask.core.mixin.HubMixin`)
@@ -156,16 +157,17 @@ class SeMaskMaskFormer(SegmentorTrainingMixin, HubMixin, nn.Module):
             out[:, :, r0 * scale:r0 * scale + rows.shape[2]] = torch.einsum("bqc,bqhw->bchw", probs, rows.sigmoid())
         return out
 
-    def forward(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None):
+    def forward(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None, return_logits: bool = False):
         """images (B, C, H, W) -> scores (B, K, H, W); with labels, the loss dict (see the class doc)."""
         if labels is not None:
-            return self.loss(images, labels)
+            return self.loss(images, labels, return_logits=return_logits)
         out = self.forward_all(images, semantic=False)
         return self.semantic_inference(out["pred_logits"], out["pred_masks"], out["image_size"], out["padded_size"])
 
-    def loss(self, images: torch.Tensor, labels: torch.Tensor,
-             generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
-        """Training losses (Hungarian matching per decoder layer; point sampling uses ``generator``)."""
+    def loss(self, images: torch.Tensor, labels: torch.Tensor, generator: Optional[torch.Generator] = None,
+             return_logits: bool = False) -> Dict[str, torch.Tensor]:
+        """Training losses (Hungarian matching per decoder layer; point sampling uses ``generator``);
+        ``return_logits`` adds the detached (B, K, H, W) semantic ``logits`` (for metrics)."""
         if labels.ndim == 4:
             labels = labels.squeeze(1)
         if labels.ndim != 3 or labels.is_floating_point():
@@ -177,9 +179,10 @@ class SeMaskMaskFormer(SegmentorTrainingMixin, HubMixin, nn.Module):
         padded_labels = self.pad(labels.long(), self.ignore_index)
         targets = semantic_targets(padded_labels, self.ignore_index)
         losses = self.criterion(out, targets, out["sem_pred"], padded_labels, generator)
-        with torch.no_grad():  # for metrics (detached: the official training step never computes them)
-            losses["logits"] = self.semantic_inference(out["pred_logits"], out["pred_masks"], out["image_size"],
-                                                       out["padded_size"])
+        if return_logits:
+            with torch.no_grad():  # for metrics (detached: the official training step never computes them)
+                losses["logits"] = self.semantic_inference(out["pred_logits"], out["pred_masks"],
+                                                           out["image_size"], out["padded_size"])
         return losses
 
     def reset_classifier(self, num_classes: int) -> None:

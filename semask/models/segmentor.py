@@ -43,8 +43,9 @@ class SeMaskSegmentor(SegmentorTrainingMixin, HubMixin, nn.Module):
     * ``model(images)`` -> logits (B, K, H, W) at the input size (bilinear, align_corners False):
       the official ``encode_decode``.
     * ``model(images, labels)`` / ``model.loss(images, labels)`` -> dict with ``loss`` (the total),
-      ``loss_ce`` (main CE, optional OHEM), ``loss_cate`` (``sem_loss_weight`` x semantic CE) and
-      ``logits``. Labels are (B, H, W) or (B, 1, H, W) ints with ``ignore_index`` pixels.
+      ``loss_ce`` (main CE, optional OHEM) and ``loss_cate`` (``sem_loss_weight`` x semantic CE);
+      ``return_logits=True`` adds the detached full-size ``logits`` (for metrics). Labels are
+      (B, H, W) or (B, 1, H, W) ints with ``ignore_index`` pixels.
     * ``model.forward_all(images)`` -> dict with ``features``, ``priors``, ``head_seg``,
       ``head_sem`` (stride 4) and ``logits``.
     * ``semask.optimize(model)`` turns on the opt-in CPU inference fast paths (same outputs).
@@ -102,15 +103,16 @@ class SeMaskSegmentor(SegmentorTrainingMixin, HubMixin, nn.Module):
         out["logits"] = self._resize(head_seg, images.shape[-2:])
         return out
 
-    def forward(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None):
+    def forward(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None, return_logits: bool = False):
         """images (B, C, H, W) -> logits (B, K, H, W); with labels, the loss dict (see class doc)."""
         if labels is not None:
-            return self.loss(images, labels)
+            return self.loss(images, labels, return_logits)
         return self._resize(self.decode_head(self._features(images)), images.shape[-2:])
 
     def _resize(self, logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-        # stride-4 logits -> the image size (the official ``encode_decode``)
-        return F.interpolate(logits, size=size, mode="bilinear", align_corners=self.align_corners)
+        # stride-4 logits -> the image size (the official ``encode_decode``), returned as contiguous
+        # NCHW whatever the head's layout (the stride-4 copy is small)
+        return F.interpolate(logits.contiguous(), size=size, mode="bilinear", align_corners=self.align_corners)
 
     def _features(self, images: torch.Tensor) -> List[torch.Tensor]:
         # the prior maps are not needed for the logits: backbones that can skip them (ours) do
@@ -157,8 +159,10 @@ class SeMaskSegmentor(SegmentorTrainingMixin, HubMixin, nn.Module):
                 f"labels contain class ids {ids[:10]} outside 0..{k - 1} (num_classes={k}, ignore_index="
                 f"{self.ignore_index}): map them to training ids or to {self.ignore_index}{more}")
 
-    def loss(self, images: torch.Tensor, labels: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Training step: dict with ``loss``, ``loss_ce``, ``loss_cate`` and ``logits``."""
+    def loss(self, images: torch.Tensor, labels: torch.Tensor, return_logits: bool = False) -> Dict[str, torch.Tensor]:
+        """Training step: dict with ``loss``, ``loss_ce``, ``loss_cate`` and, with ``return_logits``,
+        the detached (B, K, H, W) ``logits`` (off by default: the official step never computes them and
+        they are the largest tensor of the step)."""
         if labels.shape[0] != images.shape[0] or labels.shape[-2:] != images.shape[-2:]:
             raise ValueError(
                 f"labels {tuple(labels.shape)} must match the images' batch and size {tuple(images.shape)}"
@@ -167,9 +171,9 @@ class SeMaskSegmentor(SegmentorTrainingMixin, HubMixin, nn.Module):
         head_seg = self.decode_head(feats)
         head_sem = self.semantic_decoder(priors) if len(priors) else None
         losses = self.compute_losses(head_seg, head_sem, labels)
-        with torch.no_grad():  # for metrics (detached: the losses never need full-size logits)
-            losses["logits"] = F.interpolate(head_seg, size=images.shape[-2:], mode="bilinear",
-                                             align_corners=self.align_corners)
+        if return_logits:
+            with torch.no_grad():  # for metrics (detached: the losses never need full-size logits)
+                losses["logits"] = self._resize(head_seg, images.shape[-2:])
         return losses
 
     def reset_classifier(self, num_classes: int) -> None:
