@@ -51,11 +51,11 @@ def median_ms(ts: List[float]) -> float:
     return 1e3 * statistics.median(ts)
 
 
-def gemm_gflops(sizes=(2048, 3072, 4096), reps: int = 3) -> float:
+def gemm_gflops(sizes=(2048, 3072, 4096), reps: int = 3, device: str = "cpu") -> float:
     """Best fp32 ``torch.mm`` throughput (GFLOP/s) over square sizes: the machine's practical peak."""
     best = 0.0
     for n in sizes:
-        a, b = torch.randn(n, n), torch.randn(n, n)
+        a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
         torch.mm(a, b)
         t = min(time_once(lambda: torch.mm(a, b)) for _ in range(reps))
         best = max(best, 2 * n ** 3 / t / 1e9)
@@ -142,7 +142,8 @@ def cpu_model() -> str:
 
 def inference_modes(model: torch.nn.Module, x: torch.Tensor, threads: int, skip=()) -> tuple:
     """``({name: callable}, {name: note})`` for the reference model, ``semask.optimize`` (on a copy),
-    bf16 autocast (of the reference) and ONNX Runtime (CPU), each checked against the reference."""
+    bf16 autocast (of the reference) and ONNX Runtime (CPU), each checked against the reference.
+    On a GPU (``x`` on CUDA) the two CPU-only modes are left out."""
     import copy
     import tempfile
     from pathlib import Path
@@ -154,6 +155,9 @@ def inference_modes(model: torch.nn.Module, x: torch.Tensor, threads: int, skip=
         ref = model(x)
     modes = {"reference fp32": lambda: model(x)}
     notes = {}
+    if x.device.type != "cpu":
+        skip = set(skip) | {"optimized", "onnx"}
+        notes["cpu-only modes"] = "semask.optimize and ONNX Runtime (CPU) are not run on " + x.device.type
     if "optimized" not in skip:
         opt = semask.optimize(copy.deepcopy(model))
         with torch.no_grad():
@@ -164,7 +168,7 @@ def inference_modes(model: torch.nn.Module, x: torch.Tensor, threads: int, skip=
         modes["semask.optimize fp32"] = lambda: opt(x)
     if "bf16" not in skip:
         def bf16() -> torch.Tensor:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast(x.device.type, dtype=torch.bfloat16):
                 return model(x)
         with torch.no_grad():
             out = bf16().float()
@@ -192,9 +196,27 @@ def inference_modes(model: torch.nn.Module, x: torch.Tensor, threads: int, skip=
 
 
 def bench_parser(doc: str, reps: int) -> argparse.ArgumentParser:
-    """Argument parser with the options every benchmark shares: --size, --reps, --threads."""
+    """Argument parser with the options every benchmark shares: --size, --reps, --threads, --device."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=512, help="square input size")
     ap.add_argument("--reps", type=int, default=reps, help="timed repetitions per candidate")
     ap.add_argument("--threads", type=int, default=0, help="intra-op threads (0: all cores)")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda (GPU; CPU-only modes are left out)")
     return ap
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU model and thread count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_model()}, {torch.get_num_threads()} threads"
+
+
+def peak_mib(fn: Callable[[], object], model: torch.nn.Module, device: torch.device) -> float:
+    """Peak tensor memory (MiB) of one inference call (no grad), the model's parameters and buffers excluded
+    (:class:`semask.profiling.PeakMemory`: ``torch.cuda.max_memory_allocated`` on a GPU)."""
+    from semask.profiling import PeakMemory
+
+    with torch.no_grad(), PeakMemory(device.type, exclude=list(model.parameters()) + list(model.buffers())) as mem:
+        fn()
+    return mem.peak / 2**20

@@ -3,6 +3,9 @@ the reference model (eager fp32), ``semask.optimize``, bf16 autocast, ONNX Runti
 channels-last and torch.compile (inductor), as latency ratios to the reference in the same process.
 
     python benchmarks/speed.py [--size 512] [--reps 8] [--threads 0] [--skip compile,channels_last,onnx]
+        [--device cpu|cuda]
+
+On a GPU (``--device cuda``) the CPU-only modes (``semask.optimize``, ONNX Runtime) are left out.
 
 Timings of all modes are interleaved (round-robin) so load from other processes hits them alike.
 """
@@ -14,7 +17,7 @@ import time
 import torch
 
 import semask
-from _timing import bench_parser, cpu_model, inference_modes, interleaved_medians, load_note, median_ms, setup_threads
+from _timing import bench_parser, device_name, inference_modes, interleaved_medians, load_note, median_ms, setup_threads
 
 
 def main() -> None:
@@ -26,8 +29,9 @@ def main() -> None:
     skip = set(filter(None, args.skip.split(",")))
     threads = setup_threads(args.threads)
     torch.manual_seed(0)
-    model = semask.create_model(args.model, num_classes=150).eval()
-    x = torch.randn(1, 3, args.size, args.size)
+    device = torch.device(args.device)
+    model = semask.create_model(args.model, num_classes=150).eval().to(device)
+    x = torch.randn(1, 3, args.size, args.size, device=device)
     with torch.no_grad():
         ref = model(x)
     modes, notes = inference_modes(model, x, threads, skip)
@@ -47,11 +51,11 @@ def main() -> None:
     with torch.no_grad():
         times = interleaved_medians(modes, reps=args.reps, settle=1)
     base = median_ms(times["reference fp32"])
-    print(f"{args.model} {args.size}x{args.size} batch 1, {threads} threads, {args.reps} interleaved reps, "
-          f"torch {torch.__version__}, CPU: {cpu_model()}")
+    print(f"{args.model} {args.size}x{args.size} batch 1, {args.reps} interleaved reps, torch {torch.__version__}, "
+          f"{device_name(device)}")
     for k, v in times.items():
         ms = median_ms(v)
-        print(f"  {k:22s} median {ms:8.1f} ms   speed-up vs reference {base / ms:5.2f}x")
+        print(f"  {k:22s} median {ms:8.1f} ms ({1e3 / ms:6.2f} img/s)   speed-up vs reference {base / ms:5.2f}x")
     for k, v in notes.items():
         print(f"  [{k}] {v}")
     print(f"  {load_note()}")

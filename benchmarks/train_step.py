@@ -22,7 +22,7 @@ import torch
 
 import semask
 from semask.profiling import PeakMemory
-from _timing import cpu_model, interleaved_medians, load_note, setup_threads
+from _timing import device_name, interleaved_medians, load_note, setup_threads
 
 # family -> (model name, kwargs, [(batch, crop), ...]); crops of the issue: the official 512 crop and a
 # CPU-sized 256 one for FPN, 384 for Swin-L Mask2Former (ADE20K config)
@@ -31,12 +31,6 @@ FAMILIES: Dict[str, Tuple[str, dict, List[Tuple[int, int]]]] = {
     "mit": ("semask_mit_b0_segformer", dict(num_classes=150), [(2, 256), (2, 512)]),
     "mask2former": ("semask_swin_large_mask2former", dict(num_classes=150), [(1, 384)]),
 }
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{cpu_model()}, {torch.get_num_threads()} threads"
 
 
 def make_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str) -> Callable[[], None]:
