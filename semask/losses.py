@@ -122,7 +122,7 @@ class _UpsampledCE(torch.autograd.Function):
         # one resized slab (with its context rows) and one log-softmax buffer, reused by every slab: a
         # fresh multi-MB tensor per slab costs more in first-touch page faults than the resize itself
         most = max(r1 - r0 for r0, r1 in slabs)
-        y_buf = x.new_empty((1, (most + 2) * scale, big_w, k)).permute(0, 3, 1, 2)  # (1, K, rows, W), channels-last
+        y_buf = x.new_empty((1, (most + 2) * scale, big_w, k)).permute(0, 3, 1, 2)  # (1, K, rows, W) channels-last
         logp_buf = x.new_empty((1, most * scale, big_w, k))
         for i, (r0, r1) in itertools.product(range(b), slabs):
             lab = labels[i:i + 1, r0 * scale:r1 * scale]

@@ -6,8 +6,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Un
 
 import torch
 import torch.nn as nn
-from timm.models import group_parameters
 from einops import rearrange
+from timm.models import group_parameters
 from timm.models._features import feature_take_indices
 
 from ..layers import SemanticLayer

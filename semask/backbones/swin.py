@@ -230,9 +230,9 @@ class SeMaskSwinTransformer(SemanticFeaturesMixin, nn.Module):
     """SeMask Swin Transformer: Swin stages, each followed by a semantic layer.
 
     ``forward(x)`` takes images ``(B, in_chans, H, W)`` (any size, down to 1x1) and returns
-    ``(features, priors)``: lists with one NCHW tensor per index in ``out_indices`` (views of the token maps, channels-last
-    strides); features of stage i have ``embed_dim * 2**i`` channels at
-    stride ``4 * 2**i`` (sizes rounded up), priors have ``num_classes`` channels (raw logits, no
+    ``(features, priors)``: lists with one NCHW tensor per index in ``out_indices`` (views of the token
+    maps, channels-last strides); features of stage i have ``embed_dim * 2**i`` channels at stride
+    ``4 * 2**i`` (sizes rounded up), priors have ``num_classes`` channels (raw logits, no
     softmax). With ``semantic_layers=False`` the semantic layers are absent (plain Swin with
     per-output norms) and ``priors`` is empty.
 
