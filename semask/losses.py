@@ -102,6 +102,12 @@ def row_slabs(rows: int, row_bytes: int, budget: int) -> Tuple[Tuple[int, int], 
     return tuple((r, min(r + step, rows)) for r in range(0, rows, step))
 
 
+def _images_per_slab(x: torch.Tensor) -> int:
+    # PyTorch's CPU channels-last bilinear kernels run several times faster per pixel on one image than
+    # on a batch slice; on accelerators one slab spans the batch (fewer, larger kernel launches)
+    return 1 if x.device.type == "cpu" else x.shape[0]
+
+
 class _UpsampledCE(torch.autograd.Function):
     # The loss and, when needed, its gradient with respect to the low-resolution logits are computed
     # together, slab by slab of output rows: the full-resolution logits, their log-softmax and their
@@ -118,25 +124,28 @@ class _UpsampledCE(torch.autograd.Function):
         norm = labels.numel() if reduction == "mmseg" else int((labels != ignore_index).sum().clamp_min(1))
         grad = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
         total = x.new_zeros((), dtype=torch.float64)
-        slabs = row_slabs(h, k * big_w * 4 * scale, _SLAB_BYTES)
+        step = _images_per_slab(x)
+        slabs = row_slabs(h, step * k * big_w * 4 * scale, _SLAB_BYTES)
         # one resized slab (with its context rows) and one log-softmax buffer, reused by every slab: a
         # fresh multi-MB tensor per slab costs more in first-touch page faults than the resize itself
         most = max(r1 - r0 for r0, r1 in slabs)
-        y_buf = x.new_empty((1, (most + 2) * scale, big_w, k)).permute(0, 3, 1, 2)  # (1, K, rows, W) channels-last
-        logp_buf = x.new_empty((1, most * scale, big_w, k))
-        for i, (r0, r1) in itertools.product(range(b), slabs):
-            lab = labels[i:i + 1, r0 * scale:r1 * scale]
+        y_buf = x.new_empty((step, (most + 2) * scale, big_w, k)).permute(0, 3, 1, 2)  # (., K, rows, W) NHWC
+        logp_buf = x.new_empty((step, most * scale, big_w, k))
+        for i0, (r0, r1) in itertools.product(range(0, b, step), slabs):
+            i1 = min(i0 + step, b)
+            lab = labels[i0:i1, r0 * scale:r1 * scale]
             valid = lab != ignore_index
             tgt = torch.where(valid, lab, 0).unsqueeze(-1)
             # the slab's input rows with one row of context on each side (see resize_rows); its output
             # rows off .. off + n are those of the whole map's resize
             lo, hi = max(r0 - 1, 0), min(r1 + 1, h)
             off, n = (r0 - lo) * scale, (r1 - r0) * scale
-            xs = x[i:i + 1, :, lo:hi]
+            xs = x[i0:i1, :, lo:hi]
             size = ((hi - lo) * scale, big_w)
-            y = torch.ops.aten.upsample_bilinear2d.out(xs, size, False, None, None, out=y_buf[:, :, :size[0]])
-            rows = y.permute(0, 2, 3, 1)[:, off:off + n]  # (1, n, W, K)
-            logp = torch.log_softmax(rows, -1, out=logp_buf[:, :n])
+            y = torch.ops.aten.upsample_bilinear2d.out(xs, size, False, None, None,
+                                                       out=y_buf[:i1 - i0, :, :size[0]])
+            rows = y.permute(0, 2, 3, 1)[:, off:off + n]  # (images, n, W, K)
+            logp = torch.log_softmax(rows, -1, out=logp_buf[:i1 - i0, :n])
             total -= (logp.gather(-1, tgt).squeeze(-1) * valid).sum(dtype=torch.float64)
             if grad is not None:
                 # d CE / d logit = softmax - onehot(target), zero at ignored pixels and on the context
@@ -146,7 +155,7 @@ class _UpsampledCE(torch.autograd.Function):
                 rows.mul_(valid.unsqueeze(-1))
                 y[:, :, :off].zero_()
                 y[:, :, off + n:].zero_()
-                grad[i:i + 1, :, lo:hi] += torch.ops.aten.upsample_bilinear2d_backward(
+                grad[i0:i1, :, lo:hi] += torch.ops.aten.upsample_bilinear2d_backward(
                     y, size, xs.shape, False, None, None)
         if grad is not None:
             ctx.save_for_backward(torch.empty_like(logits).copy_(grad.div_(norm)))

@@ -30,8 +30,11 @@ def _reference_ce(logits, labels, ignore_index=255, reduction="valid", align_cor
     ((1, 4, 8, 8), (8, 8), False),         # same size: no resize
 ])
 @pytest.mark.parametrize("reduction", ["valid", "mmseg"])
-def test_upsampled_ce_equals_resize_then_ce(shape, size, align_corners, reduction, monkeypatch):
+@pytest.mark.parametrize("batch_slabs", [False, True])
+def test_upsampled_ce_equals_resize_then_ce(shape, size, align_corners, reduction, batch_slabs, monkeypatch):
     monkeypatch.setattr("semask.losses._SLAB_BYTES", 4096)  # many slabs even at these small sizes
+    if batch_slabs:  # the accelerators' slabs, which span the batch (the CPU's hold one image)
+        monkeypatch.setattr("semask.losses._images_per_slab", lambda x: x.shape[0])
     torch.manual_seed(0)
     x = torch.randn(shape, requires_grad=True)
     labels = torch.randint(0, shape[1], (shape[0], *size))

@@ -39,7 +39,9 @@ def uncertain_point_coords(
     coords = torch.rand(n, num_sampled, 2, device=logits.device, generator=generator)
     uncertainty = -point_sample(logits, coords)[:, 0].abs()  # (N, num_sampled)
     k = int(importance_sample_ratio * num_points)
-    idx = uncertainty.topk(k, dim=1).indices
+    # the k most uncertain in any order (the losses average over the points): unsorted top-k selects the
+    # same points as the official sorted one (up to ties), in less than half the time on a CPU
+    idx = uncertainty.topk(k, dim=1, sorted=False).indices
     picked = coords.gather(1, idx.unsqueeze(-1).expand(-1, -1, 2))
     rest = num_points - k
     if rest > 0:
