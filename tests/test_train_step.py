@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import semask
-from semask.losses import segmentation_ce, upsampled_ce
 from semask.backbones import _base, swin as swin_module
+from semask.losses import segmentation_ce, upsampled_ce
 from semask.models import segmentor as segmentor_module
 from semask.profiling import PeakMemory
 
