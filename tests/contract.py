@@ -20,7 +20,7 @@ non-trivial BatchNorm statistics, so every check sees every branch.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import pytest
 import torch
@@ -89,6 +89,21 @@ def no_stochastic_depth(model: nn.Module) -> nn.Module:
 
 def _grads(model: nn.Module) -> Dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_checkpointing_keeps_gradients(model: nn.Module, backward: Callable[[], None]) -> None:
+    """``backward()`` (one forward + backward of ``model``) gives the same gradients with gradient
+    checkpointing off and on (same seed: drop path, dropout and point sampling draw the same)."""
+    grads = []
+    for enable in (False, True):
+        model.zero_grad()
+        model.set_grad_checkpointing(enable)
+        torch.manual_seed(0)
+        backward()
+        grads.append(_grads(model))
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-5, rtol=1e-4, msg=n)
 
 
 def _assert_every_parameter_has_gradient(model: nn.Module, allow_zero: Set[str] = frozenset()) -> None:
@@ -242,17 +257,12 @@ class BackboneContract(_Common):
     def test_grad_checkpointing_same_gradients(self):
         model = self.model().train()
         x = self.inputs(2)
-        grads = []
-        for enable in (False, True):
-            model.zero_grad()
-            model.set_grad_checkpointing(enable)
-            torch.manual_seed(0)  # drop path / dropout draw the same
+
+        def backward() -> None:
             feats, priors = model(x)
             _random_objective(feats + priors).backward()
-            grads.append(_grads(model))
-        assert grads[0].keys() == grads[1].keys() and grads[0]
-        for n in grads[0]:
-            torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-5, rtol=1e-4, msg=n)
+
+        _assert_checkpointing_keeps_gradients(model, backward)
 
     def test_reset_classes_changes_only_class_tensors(self):
         k2 = self.other_num_classes
@@ -344,16 +354,7 @@ class SegmentorContract(_Common):
     def test_grad_checkpointing_same_gradients(self):
         model = self.model().train()
         x, y = self.inputs(2), self.labels(2)
-        grads = []
-        for enable in (False, True):
-            model.zero_grad()
-            model.set_grad_checkpointing(enable)
-            torch.manual_seed(0)  # drop path, dropout and point sampling draw the same
-            self.loss(model, x, y)["loss"].backward()
-            grads.append(_grads(model))
-        assert grads[0].keys() == grads[1].keys() and grads[0]
-        for n in grads[0]:
-            torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-5, rtol=1e-4, msg=n)
+        _assert_checkpointing_keeps_gradients(model, lambda: self.loss(model, x, y)["loss"].backward())
 
     def test_reset_classifier_changes_only_class_tensors(self):
         k2 = self.other_num_classes

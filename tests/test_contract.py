@@ -68,7 +68,7 @@ class TestWrappedTimmBackbone(BackboneContract):
     rounding = "floor"  # ConvNeXt's 4x4 stride-4 stem is unpadded
     size = WRAPPED_SIZE
     export_size = (64, 80)
-    export_batch_one = False  # depthwise convs of ConvNeXt (see BackboneContract)
+    export_batch_one = False  # timm ConvNeXt blocks feed their convs channels-last views (see BackboneContract)
 
     def build(self, num_classes):
         import timm
@@ -113,7 +113,7 @@ class TestMiTSegFormer(SegmentorContract):
 class TestWrappedTimmFPN(SegmentorContract):
     size = WRAPPED_SIZE
     export_size = (64, 80)
-    export_batch_one = False  # depthwise convs of ConvNeXt (see tests/contract.py)
+    export_batch_one = False  # timm ConvNeXt blocks (see tests/contract.py)
 
     def build(self, num_classes):
         return semask.create_model("semask_fpn", num_classes=num_classes, fpn_channels=16, **TINY_CONVNEXT)

@@ -29,13 +29,27 @@ def _tiny_fpn() -> torch.nn.Module:
     return model
 
 
+def _assert_onnx_matches(path, model: torch.nn.Module, sizes, atol: float) -> None:
+    """The ONNX Runtime session of ``path`` gives ``model``'s (B, 5, H, W) outputs at every (B, H, W)."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for b, h, w in sizes:
+        x = torch.randn(b, 3, h, w)
+        with torch.no_grad():
+            ref = model(x).numpy()
+        got = sess.run(None, {"images": x.numpy()})[0]
+        assert got.shape == ref.shape == (b, 5, h, w)
+        np.testing.assert_allclose(got, ref, atol=atol, rtol=0)
+
+
 @pytest.fixture(scope="module")
 def tiny_fpn() -> torch.nn.Module:
     return _tiny_fpn()
 
 
 def test_cli_onnx_export_dynamic_sizes(tiny_fpn, tmp_path, capsys):
-    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxruntime")
     onnx = pytest.importorskip("onnx")
     semask.save_pretrained(tiny_fpn, tmp_path / "tiny")
     out = tmp_path / "tiny.onnx"
@@ -47,15 +61,8 @@ def test_cli_onnx_export_dynamic_sizes(tiny_fpn, tmp_path, capsys):
     dims = graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_value for d in dims][1] == 3 and all(d.dim_param for i, d in enumerate(dims) if i != 1)
 
-    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     # batch, odd and even sizes, none of them the export size; window padding and shifts vary per stage
-    for b, h, w in [(1, 33, 35), (2, 97, 131), (3, 50, 70), (1, 225, 41)]:
-        x = torch.randn(b, 3, h, w)
-        with torch.no_grad():
-            ref = tiny_fpn(x).numpy()
-        got = sess.run(None, {"images": x.numpy()})[0]
-        assert got.shape == ref.shape == (b, 5, h, w)
-        np.testing.assert_allclose(got, ref, atol=1e-3, rtol=0)
+    _assert_onnx_matches(out, tiny_fpn, [(1, 33, 35), (2, 97, 131), (3, 50, 70), (1, 225, 41)], atol=1e-3)
 
 
 def test_cli_export_errors(tmp_path):
@@ -165,35 +172,22 @@ def test_min_dynamic_size_is_per_model(tiny_fpn):
 
 
 def test_onnx_mit_segformer_onnxruntime_two_sizes(tmp_path):
-    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     from semask.export import export_onnx
 
     seg = _tiny_segformer()
     path = export_onnx(seg, tmp_path / "segformer.onnx", size=(96, 128), batch=2)
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    for b, h, w in [(1, 61, 75), (3, 130, 97)]:  # the lower bound and a size above the export's
-        x = torch.randn(b, 3, h, w)
-        with torch.no_grad():
-            ref = seg(x).numpy()
-        got = sess.run(None, {"images": x.numpy()})[0]
-        assert got.shape == ref.shape == (b, 5, h, w)
-        np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+    # the lower bound and a size above the export's
+    _assert_onnx_matches(path, seg, [(1, 61, 75), (3, 130, 97)], atol=1e-4)
 
 
 def test_classic_onnx_exporter_dynamic_axes(tiny_fpn, tmp_path):
-    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxruntime")
     path = tmp_path / "classic.onnx"
     axes = {0: "batch", 2: "height", 3: "width"}
     with torch.no_grad():
         torch.onnx.export(tiny_fpn, (torch.randn(1, 3, 64, 96),), str(path), dynamo=False, input_names=["images"],
                           output_names=["logits"], dynamic_axes={"images": axes, "logits": axes})
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     # sizes other than the traced one: different paddings, shifts and window counts per stage
-    for b, h, w in [(2, 97, 131), (1, 50, 70)]:
-        x = torch.randn(b, 3, h, w)
-        with torch.no_grad():
-            ref = tiny_fpn(x).numpy()
-        got = sess.run(None, {"images": x.numpy()})[0]
-        assert got.shape == (b, 5, h, w)
-        np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+    _assert_onnx_matches(path, tiny_fpn, [(2, 97, 131), (1, 50, 70)], atol=1e-4)

@@ -14,23 +14,28 @@ from ..layers import SemanticLayer
 
 __all__ = [
     "SemanticFeaturesMixin", "check_image_input", "normalize_out_indices", "per_stage_flags", "per_stage_ints",
-    "semantic_class_count", "official_no_weight_decay", "submodule_group_matcher", "tokens_to_map", "NO_DECAY_KEYWORDS",
+    "semantic_class_count", "official_no_weight_decay", "submodule_group_matcher", "nhwc_to_nchw", "tokens_to_map", "NO_DECAY_KEYWORDS",
 ]
 
 # the official (mmseg) optimizer rule: no weight decay for these (substring match on parameter names)
 NO_DECAY_KEYWORDS: Tuple[str, ...] = ("absolute_pos_embed", "relative_position_bias_table", "norm")
 
 
-def tokens_to_map(tokens: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
-    """(B, H*W, C) tokens -> (B, C, H, W) map, as a view with channels-last strides: no transposing
-    copy, and the convolutions, norms and resizes that follow keep that layout (the one PyTorch's CPU
+def nhwc_to_nchw(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, C) map -> (B, C, H, W), as a view with channels-last strides: no transposing copy,
+    and the convolutions, norms and resizes that follow keep that layout (the one PyTorch's CPU
     kernels vectorise over channels; NCHW bilinear resizes are several times slower).
 
     Under ``torch.export`` it is a contiguous copy instead: export reads a ``batch > 1`` guard from
     a convolution input with channels-last strides, which would make the program reject batch 1.
     """
-    x = rearrange(tokens, "b (h w) c -> b c h w", h=hw[0], w=hw[1])
+    x = x.permute(0, 3, 1, 2)
     return x.contiguous() if torch.compiler.is_exporting() else x
+
+
+def tokens_to_map(tokens: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
+    """(B, H*W, C) tokens -> (B, C, H, W) map (:func:`nhwc_to_nchw`'s layout)."""
+    return nhwc_to_nchw(rearrange(tokens, "b (h w) c -> b h w c", h=hw[0], w=hw[1]))
 
 
 def semantic_class_count(num_classes: Optional[int], num_semantic_classes: Optional[int] = None,

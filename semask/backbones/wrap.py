@@ -23,7 +23,10 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 
 from ..core.checkpoint import load_timm_pretrained
 from ..layers import SemanticLayer
-from ._base import SemanticFeaturesMixin, check_image_input, normalize_out_indices, per_stage_flags, semantic_class_count
+from ._base import (
+    SemanticFeaturesMixin, check_image_input, nhwc_to_nchw, normalize_out_indices, per_stage_flags, semantic_class_count,
+    tokens_to_map,
+)
 
 __all__ = [
     "SeMaskWrapped",
@@ -103,7 +106,7 @@ def _convert(x: torch.Tensor, src: Layout, dst: Layout) -> torch.Tensor:
     # a permuted view: NHWC data seen as NCHW is channels_last memory, which convs take without a copy
     if src == dst:
         return x
-    return x.permute(0, 3, 1, 2) if dst == "NCHW" else x.permute(0, 2, 3, 1)
+    return nhwc_to_nchw(x) if dst == "NCHW" else x.permute(0, 2, 3, 1)
 
 
 def _default_sem_global(reductions: Sequence[int]) -> Tuple[bool, ...]:
@@ -213,9 +216,9 @@ class SeMaskWrapped(SemanticFeaturesMixin, nn.Module):
                 out = tokens + (out - sem.norm1(tokens))
             x, fmt = out.view(b, h, w, c), "NHWC"
             if i in self.out_indices:
-                feats.append(self.out_norms[i](x).permute(0, 3, 1, 2))
+                feats.append(nhwc_to_nchw(self.out_norms[i](x)))
                 if prior is not None:
-                    priors.append(prior.view(b, h, w, -1).permute(0, 3, 1, 2))
+                    priors.append(tokens_to_map(prior, (h, w)))
             if i == last:
                 break
         return feats, priors
